@@ -1,0 +1,1 @@
+"""infstar-jax: InfinityStar in JAX/Flax."""
