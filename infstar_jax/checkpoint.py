@@ -28,6 +28,9 @@ import orbax.checkpoint.experimental.v1 as ocp
 
 log = logging.getLogger(__name__)
 
+# orbax renamed load_pytree -> load (0.12.8 warns on the old name; older releases only have the old one).
+_load = getattr(ocp, "load", None) or ocp.load_pytree
+
 META_FILE = "infstar.json"
 PARAMS_DIR = "params"
 
@@ -137,7 +140,7 @@ def load_params(ckpt_dir: str | os.PathLike, target: Any = None, *, kind: str | 
         raise ValueError(f"{ckpt_dir} holds a {meta.get('kind')!r} checkpoint, expected {kind!r}")
     path = Path(ckpt_dir) / PARAMS_DIR
     if target is None:
-        return ocp.load_pytree(path)
+        return _load(path)
     stored = ocp.pytree_metadata(path).metadata
     flat_t, _ = jax.tree_util.tree_flatten_with_path(target)
     flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
@@ -151,4 +154,4 @@ def load_params(ckpt_dir: str | os.PathLike, target: Any = None, *, kind: str | 
         s = flat_s[jax.tree_util.keystr(k)]
         if tuple(s.shape) != tuple(leaf.shape):
             raise ValueError(f"{ckpt_dir}: {jax.tree_util.keystr(k)} has shape {tuple(s.shape)}, expected {tuple(leaf.shape)}")
-    return ocp.load_pytree(path, target)
+    return _load(path, target)
