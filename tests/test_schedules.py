@@ -133,11 +133,12 @@ def test_head_vs_quantizer_choice(d, res):
 
 
 def _probe_request(res: str, key: str):
-    m = re.fullmatch(r"(\d+)x(\d+)(?:_(\d+)s)?", key)
+    m = re.fullmatch(r"(?:(\d+)x(\d+)|(\d+\.\d+))(?:_(\d+)s)?", key)
     assert m, f"unknown probe set {key!r}"
     # README: the 16x9 probes use the 10 s schedule at 480p and the 5 s one at 720p.
-    duration = int(m.group(3)) if m.group(3) else (10 if res == "480p" else 5)
-    return S.resolve(res, aspect=f"{m.group(1)}:{m.group(2)}", duration=duration)
+    duration = int(m.group(4)) if m.group(4) else (10 if res == "480p" else 5)
+    aspect = f"{m.group(1)}:{m.group(2)}" if m.group(1) else float(m.group(3))
+    return S.resolve(res, aspect=aspect, duration=duration)
 
 
 @pytest.mark.parametrize("res", _entries("rope_position_probes"))
