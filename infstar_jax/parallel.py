@@ -102,8 +102,9 @@ def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]
     return P(*out)
 
 
-def param_shardings(abstract_params: Any, mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+def param_shardings(abstract_params: Any, mesh, rules: Sequence[tuple[str, Any]] | None = None) -> Any:
     """NamedShardings for a (possibly abstract) param tree whose leaves carry ``nn.LogicallyPartitioned`` boxes."""
+    rules = rules if rules is not None else (tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES)
     specs = nn.get_partition_spec(abstract_params)
     return jax.tree.map(
         lambda s: NamedSharding(mesh, logical_to_spec(tuple(s), rules)),
@@ -132,3 +133,22 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules: Sequence[tuple[s
         size = int(np.prod([mesh.shape[a] for a in tup]))
         fixed.append(axes if dim % size == 0 else None)
     return jax.lax.with_sharding_constraint(x, P(*fixed))
+
+
+def init_sharded(init_fn, *args, mesh, rules: Sequence[tuple[str, Any]] | None = None):
+    """Runs ``init_fn(*args)`` (returning a boxed param tree) so that params are born sharded.
+
+    Returns ``(params, shardings)``: an unboxed tree of arrays laid out by the logical rules, and its shardings.
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = param_shardings(abstract, mesh, rules)
+    params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return params, shardings
+
+
+def abstract_sharded(abstract_boxed: Any, mesh, rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+    """``jax.ShapeDtypeStruct`` tree with shardings (restore targets): params are read straight into place."""
+    shardings = param_shardings(abstract_boxed, mesh, rules)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract_boxed), shardings
+    )
