@@ -99,6 +99,21 @@ def architecture_name(cfg: TransformerConfig, block_chunks: int) -> str | None:
     return None
 
 
+def reference_shapes(cfg: TransformerConfig, block_chunks: int = 1) -> dict[str, tuple[int, ...]]:
+    """The reference state dict's key -> shape for ``cfg`` (``block_chunks`` > 1 gives block_chunks.c.module.j keys).
+
+    Used to check manifests of the released models and to generate checkpoints of released shapes.
+    """
+    if cfg.depth % block_chunks:
+        raise ValueError(f"depth {cfg.depth} is not divisible by block_chunks {block_chunks}")
+    per = cfg.depth // block_chunks
+    if block_chunks > 1:
+        layers = {i: f"block_chunks.{i // per}.module.{i % per}." for i in range(cfg.depth)}
+    else:
+        layers = {i: f"blocks.{i}." for i in range(cfg.depth)}
+    return {k: r.torch_shape for r in key_table(cfg, layers).rules for k in r.keys}
+
+
 def _t(x):
     return x.T
 

@@ -84,7 +84,7 @@ class TransformerConfig:
 
     def num_params(self) -> int:
         c, h, kv, hd, m = self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
-        attn = c * h * hd * 2 + c * kv * hd * 2 + (h * hd * 2 + kv * hd * 2 + c if self.qkvo_bias else 0)
+        attn = c * h * hd * 2 + c * kv * hd * 2 + (h * hd + 2 * kv * hd + c if self.qkvo_bias else 0)
         block = attn + 2 * hd + 3 * c * m + 2 * c
         top = (
             self.text_maxlen * self.text_dim
