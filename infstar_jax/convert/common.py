@@ -88,30 +88,55 @@ def _from_state_dict(sd: Mapping[str, Any], description: str) -> TensorSource:
     )
 
 
+_ST_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _safetensors_header(p: Path) -> tuple[int, dict]:
+    """(data start offset, header dict) of a .safetensors file."""
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100 << 20:
+            raise ConversionError(f"{p} is not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _read_safetensor(p: Path, base: int, entry: dict) -> np.ndarray:
+    """Reads one tensor with plain file reads (no mmap: pages of tensors already converted must not stay resident)."""
+    begin, end = entry["data_offsets"]
+    dtype = entry["dtype"]
+    if dtype not in _ST_DTYPES:
+        raise ConversionError(f"{p}: unsupported safetensors dtype {dtype}")
+    with open(p, "rb") as f:
+        f.seek(base + begin)
+        raw = np.fromfile(f, dtype=_ST_DTYPES[dtype], count=(end - begin) // np.dtype(_ST_DTYPES[dtype]).itemsize)
+    raw = raw.reshape(entry["shape"])
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return raw.astype(np.float32)
+    return raw
+
+
 def _safetensors_source(files: dict[str, Path], description: str) -> TensorSource:
     """``files`` maps each key to the shard file holding it."""
-    from safetensors import safe_open
-
-    handles: dict[Path, Any] = {}
-
-    def handle(p: Path):
-        if p not in handles:
-            handles[p] = safe_open(str(p), framework="pt")
-        return handles[p]
-
+    headers: dict[Path, tuple[int, dict]] = {}
     shapes, dtypes = {}, {}
     for key, p in files.items():
         if not p.exists():
             raise ConversionError(f"{description}: shard {p.name} (holding {key!r}) is missing")
-        h = handle(p)
-        if key not in h.keys():
+        if p not in headers:
+            headers[p] = _safetensors_header(p)
+        entry = headers[p][1].get(key)
+        if entry is None:
             raise ConversionError(f"{description}: the index puts {key!r} in {p.name}, which does not contain it")
-        sl = h.get_slice(key)
-        shapes[key] = tuple(sl.get_shape())
-        dtypes[key] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64"}.get(
-            sl.get_dtype(), sl.get_dtype().lower()
-        )
-    return TensorSource(description, shapes, dtypes, lambda k: _to_numpy(handle(files[k]).get_tensor(k)))
+        shapes[key] = tuple(entry["shape"])
+        dtypes[key] = entry["dtype"].lower()
+    return TensorSource(
+        description, shapes, dtypes, lambda k: _read_safetensor(files[k], headers[files[k]][0], headers[files[k]][1][k])
+    )
 
 
 def open_source(path: str | os.PathLike, nested: Sequence[Sequence[str]] = ((),)) -> TensorSource:
@@ -142,11 +167,7 @@ def open_source(path: str | os.PathLike, nested: Sequence[Sequence[str]] = ((),)
                 "pass the .pth file or the released weights folder"
             )
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as h:
-            keys = list(h.keys())
-        return _safetensors_source({k: path for k in keys}, str(path))
+        return _safetensors_source({k: path for k in _safetensors_header(path)[1]}, str(path))
     obj = _torch_load(path)
     for route in nested:
         node = obj
