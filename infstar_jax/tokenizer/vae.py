@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from infstar_jax.parallel import DEFAULT_RULES, logical_to_spec, param_shardings
+from infstar_jax.tokenizer.frames import pixels_to_frames
 from infstar_jax.tokenizer.layers import (
     ACTIVATION_NAMES,
     CausalConv3d,
@@ -556,27 +557,11 @@ class ChunkedVAE:
 
     # -- encode --------------------------------------------------------------------------------------------------------
 
-    def _enc_chunk_fn(self, features_only: bool):
-        model = self.model
+    def _enc_chunk(self, variables, pixels, cache):
+        return self.model.apply(variables, pixels, cache, method=VideoVAE.encode_features)
 
-        def fn(variables, pixels, eps, cache):
-            enc, cache = model.apply(variables, pixels, cache, method=VideoVAE.encode_features)
-            if features_only:
-                return enc, cache
-            return model.apply(variables, enc, eps, method=VideoVAE.latent_from_features), cache
-
-        return fn
-
-    def _encode(self, variables, pixels, eps, features_only: bool):
-        _check_pixels(pixels, self.model.config)
-        outs, cache, t0 = [], None, 0
-        for start, end in encoder_chunks(pixels.shape[1], self.frames_per_chunk):
-            t1 = t0 + encoded_frames(end - start, self.enc_factors)
-            e = None if eps is None else eps[:, t0:t1]
-            out, cache = self._call("enc", self._enc_chunk_fn(features_only), (features_only,), variables, pixels[:, start:end], e, cache)
-            outs.append(out)
-            t0 = t1
-        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    def _to_latent(self, variables, enc, eps):
+        return self.model.apply(variables, enc, eps, method=VideoVAE.latent_from_features)
 
     def latent_shape(self, pixel_shape: Sequence[int]) -> tuple[int, ...]:
         """Latent shape ``[B,t,H/16,W/16,4c]`` for a pixel clip ``[B,T,H,W,3]`` (sum over the chunks)."""
@@ -586,17 +571,24 @@ class ChunkedVAE:
         return (b, t_lat, h // s, w // s, self.model.config.embed_dim)
 
     def encode_features(self, variables, pixels: jax.Array) -> jax.Array:
-        """Encoder output ``[B,t,H/8,W/8,2c]`` fp32 (the reference's ``vae.encode``)."""
-        return self._encode(variables, pixels, None, True)
+        """Encoder output ``[B,t,H/8,W/8,2c]`` fp32 (the reference's ``vae.encode``), chunk by chunk."""
+        _check_pixels(pixels, self.model.config)
+        outs, cache = [], None
+        for start, end in encoder_chunks(pixels.shape[1], self.frames_per_chunk):
+            out, cache = self._call("enc", self._enc_chunk, (), variables, pixels[:, start:end], cache)
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
     def encode(self, variables, pixels: jax.Array, *, key: jax.Array | None = None, eps: jax.Array | None = None) -> jax.Array:
         """``pixels [B,T,H,W,3] in [-1,1] -> latent [B,t,H/16,W/16,4c]`` fp32; exactly one of ``key`` / ``eps``.
 
-        With a key the noise is drawn once for the whole latent, so the result does not depend on the chunking.
+        The encoder runs chunk by chunk; patchify, posterior sampling and ``proj_down`` act per position, so they run
+        once on the (small) concatenated encoder output. A key draws the noise for the whole latent at once.
         """
         _check_pixels(pixels, self.model.config)
         eps = _posterior_noise(key, eps, self.latent_shape(pixels.shape))
-        return self._encode(variables, pixels, eps, False)
+        enc = self.encode_features(variables, pixels)
+        return self._call("latent", self._to_latent, (), variables, enc, eps)
 
     # -- decode --------------------------------------------------------------------------------------------------------
 
@@ -610,11 +602,45 @@ class ChunkedVAE:
 
         return fn
 
-    def decode(self, variables, latent: jax.Array) -> jax.Array:
-        """``latent [B,t,h,w,4c] -> raw pixels [B,T,16h,16w,3]`` fp32 (not clamped), chunk by chunk."""
+    def decode(self, variables, latent: jax.Array, *, frames: bool = False) -> jax.Array:
+        """``latent [B,t,h,w,4c] -> raw pixels [B,T,16h,16w,3]`` fp32 (not clamped), chunk by chunk.
+
+        ``frames=True`` returns uint8 RGB frames instead (``frames.pixels_to_frames``, applied to each chunk as it is
+        decoded, so that only uint8 outputs accumulate on the device).
+        """
         _check_latent(latent, self.model.config)
         outs, cache = [], None
         for start, end, split_first in decoder_chunks(latent.shape[1], self.latent_frames_per_chunk):
-            out, cache = self._call("dec", self._dec_chunk_fn(split_first), (split_first,), variables, latent[:, start:end], cache)
+            fn = self._dec_chunk_fn(split_first)
+            out, cache = self._call("dec", fn, (split_first,), variables, latent[:, start:end], cache)
+            if frames:
+                out = _frames_no_replace(out)
             outs.append(out)
-        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        if frames and out.shape[1] > 1:
+            out = out.at[:, 0].set(out[:, 1])
+        return out
+
+
+@jax.jit
+def _frames_no_replace(pixels):
+    return pixels_to_frames(pixels, replace_first=False)
+
+
+def load_vae(ckpt_dir, *, dtype=F32, precision=None, target_shardings=None):
+    """Loads a converted VAE (``python -m infstar_jax.convert vae ...``): returns ``(VideoVAE, {"params": ...})``.
+
+    ``dtype`` is the compute dtype (fp32 for parity, bf16 as the reference's sampler decodes); params stay fp32.
+    ``target_shardings`` (a tree of shardings matching the params) restores them already placed.
+    """
+    from infstar_jax.checkpoint import load_params, read_meta
+
+    meta = read_meta(ckpt_dir)
+    if meta.get("kind") != "vae":
+        raise ValueError(f"{ckpt_dir} holds a {meta.get('kind')!r} checkpoint, expected 'vae'")
+    model = VideoVAE(VAEConfig.from_dict(meta["config"]), dtype=dtype, precision=precision)
+    target = None
+    if target_shardings is not None:
+        abstract = nn.meta.unbox(abstract_variables(model))["params"]
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, target_shardings)
+    return model, {"params": load_params(ckpt_dir, target, kind="vae")}
