@@ -95,7 +95,9 @@ def open_weights(src: Path) -> TensorSource:
         if set(merged.keys()) != listed:
             extra = sorted(set(merged.keys()) - listed)[:10]
             absent = sorted(listed - set(merged.keys()))[:10]
-            raise ConversionError(f"{src}: shards and {bin_index.name} disagree (not indexed: {extra}; absent: {absent})")
+            raise ConversionError(
+                f"{src}: shards and {bin_index.name} disagree (not indexed: {extra}; absent: {absent})"
+            )
         return merged
     if (src / "pytorch_model.bin").exists():
         return open_source(src / "pytorch_model.bin")

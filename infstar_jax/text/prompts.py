@@ -120,7 +120,10 @@ def pad_to_bucket(
 
 
 def keep_first_rows(features, lengths) -> list:
-    """Per prompt, the first ``lengths[b]`` rows of ``features [B, L, D]`` (EOS row included): list of ``[len_b, D]``."""
+    """Per prompt, the first ``lengths[b]`` rows of ``features [B, L, D]`` (EOS row included).
+
+    Returns a list of B arrays ``[len_b, D]``.
+    """
     lengths = np.asarray(lengths)
     if lengths.shape != (features.shape[0],):
         raise ValueError(f"lengths has shape {lengths.shape}, expected ({features.shape[0]},)")

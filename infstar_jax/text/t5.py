@@ -38,7 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infstar_jax.parallel import constrain
+from infstar_jax import checkpoint
+from infstar_jax.parallel import DEFAULT_RULES, constrain, logical_to_spec, param_shardings
+from infstar_jax.text import prompts
+from infstar_jax.text.tokenizer import DEFAULT_MAX_LENGTH, has_tokenizer, load_tokenizer
 
 ACT_NAMES = ("activation_batch", "activation_length", "activation_embed")
 HEAD_ACT_NAMES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -58,7 +61,12 @@ HF_DEFAULTS = {
     "feed_forward_proj": "relu",
 }
 # transformers' T5Config.attribute_map.
-HF_ALIASES = {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers", "head_dim": "d_kv"}
+HF_ALIASES = {
+    "hidden_size": "d_model",
+    "num_attention_heads": "num_heads",
+    "num_hidden_layers": "num_layers",
+    "head_dim": "d_kv",
+}
 
 
 def _gelu_tanh(x):
@@ -98,7 +106,9 @@ class T5Config:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
         if self.dense_act_fn not in ACTIVATIONS:
-            raise ValueError(f"T5Config.dense_act_fn {self.dense_act_fn!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"T5Config.dense_act_fn {self.dense_act_fn!r} is not supported; expected one of {sorted(ACTIVATIONS)}"
+            )
         # Bidirectional bucketing halves the buckets, then half of those are exact offsets: at least one exact
         # bucket, and the log-spaced range must start below max_distance (else T5's formula divides by log(1) = 0).
         max_exact = self.relative_attention_num_buckets // 4
@@ -303,8 +313,6 @@ class TextEncoder:
 
     def __init__(self, config: T5Config, params: Any, tokenizer, *, dtype=jnp.float32, precision=None, mesh=None,
                  rules=None, buckets: tuple[int, ...] = ()):
-        from infstar_jax.parallel import DEFAULT_RULES
-
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -325,8 +333,6 @@ class TextEncoder:
         self._forward_masked = jax.jit(forward_masked)
 
     def _batch_sharding(self, shape: tuple[int, ...]):
-        from infstar_jax.parallel import logical_to_spec
-
         spec = logical_to_spec(("activation_batch",) + (None,) * (len(shape) - 1), self.rules)
         return _fit_sharding(jax.sharding.NamedSharding(self.mesh, spec), shape)
 
@@ -412,11 +418,6 @@ def load_text_encoder(
       buckets: padded lengths for ``encode`` (default ``prompts.DEFAULT_BUCKETS`` up to ``max_length``).
       max_length: tokenizer truncation length incl. EOS (default from tokenizer_config.json, else 512).
     """
-    from infstar_jax import checkpoint
-    from infstar_jax.parallel import DEFAULT_RULES, param_shardings
-    from infstar_jax.text import prompts
-    from infstar_jax.text.tokenizer import has_tokenizer, load_tokenizer
-
     meta = checkpoint.read_meta(converted_dir)
     if meta.get("kind") != "t5":
         raise ValueError(f"{converted_dir} holds a {meta.get('kind')!r} checkpoint, expected 't5'")
@@ -442,7 +443,7 @@ def load_text_encoder(
     params = checkpoint.load_params(converted_dir, target, kind="t5")
 
     tokenizer = load_tokenizer(converted_dir, max_length=max_length) if has_tokenizer(converted_dir) else None
-    limit = tokenizer.max_length if tokenizer is not None else (max_length or 512)
+    limit = tokenizer.max_length if tokenizer is not None else (max_length or DEFAULT_MAX_LENGTH)
     if buckets is None:
         buckets = tuple(b for b in prompts.DEFAULT_BUCKETS if b < limit) + (limit,)
     return TextEncoder(config, params, tokenizer, dtype=dtype, precision=precision, mesh=mesh, rules=rules,

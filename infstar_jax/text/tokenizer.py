@@ -142,7 +142,7 @@ def load_tokenizer(folder: str | os.PathLike, *, backend: str = "auto", max_leng
     if backend == "sentencepiece":
         if not sp.exists():
             if not tj.exists():
-                raise FileNotFoundError(f"{folder} holds neither tokenizer.json nor spiece.model: no T5 tokenizer there")
+                raise FileNotFoundError(f"{folder} holds neither tokenizer.json nor spiece.model (no T5 tokenizer)")
             raise FileNotFoundError(f"{sp} not found (needed for backend='sentencepiece')")
         return _from_spiece(sp, max_length)
     raise ValueError(f"unknown tokenizer backend {backend!r}; expected 'auto', 'tokenizers' or 'sentencepiece'")
