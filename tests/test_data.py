@@ -2,6 +2,7 @@
 counted skips, resumable iterator state, per-process sharding and global batches."""
 
 import dataclasses
+import fractions
 import json
 import math
 import os
@@ -34,7 +35,9 @@ def write_coded_video(path, num_frames, fps, height, width, faststart=False):
         s.width, s.height, s.pix_fmt = width, height, "rgb24"
         s.options = {"crf": "0", "preset": "ultrafast", "threads": "1"}
         for i in range(num_frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((height, width, 3), i % 256, np.uint8), format="rgb24")))
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), i % 256, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, fractions.Fraction(1, fps)
+            c.mux(s.encode(frame))
         c.mux(s.encode())
 
 
@@ -392,6 +395,17 @@ def test_per_process_shards_partition_the_data(toy_dir):
         seen.append({str(b["key"][0]) for b in p})
     assert all(len(s) == 2 for s in seen)
     assert set.union(*seen) == {s.key for s in samples} and sum(map(len, seen)) == len(samples)
+    # 6 samples over 4 processes: finite epochs cut to equal shards and count the cut; an endless stream keeps all.
+    finite, endless = [], []
+    for i in range(4):
+        p = pl.video_pipeline(samples, opts(num_epochs=1), process_index=i, process_count=4)
+        finite.append([str(b["key"][0]) for b in p])
+        assert p.skipped.counts() == {"shard_remainder": 2}
+        p = pl.video_pipeline(samples, opts(), process_index=i, process_count=4)
+        assert p.num_samples == (2 if i < 2 else 1) and p.skipped.total == 0
+        endless.append({str(b["key"][0]) for b in collect(iter(p), 4)})
+    assert [len(k) for k in finite] == [1, 1, 1, 1] and len(set(sum(finite, []))) == 4
+    assert set.union(*endless) == {s.key for s in samples} and sum(map(len, endless)) == len(samples)
     with pytest.raises(ValueError, match="process_index"):
         pl.video_pipeline(samples, opts(), process_index=3, process_count=3)
 

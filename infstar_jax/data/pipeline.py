@@ -132,7 +132,8 @@ class DataOptions:
     pn: pixel level ("0.40M") or number of scales; fixes the frame size with each video's h/w template.
     rule: duration mapping (training: 1 s resolution, 81 frames at 16 fps).
     short_prob / dynamic_length / append_duration: the caption rule (SPEC §7.1).
-    seed: shuffling and caption randomness. shuffle: shuffle each epoch. num_epochs: ``None`` = repeat forever.
+    seed: shuffling and caption randomness. shuffle: shuffle each epoch. num_epochs: ``None`` = repeat forever
+      (shards may then differ by one sample); a number of epochs cuts the data to equal shards (cut counted).
     batch_size / drop_remainder: per-process batches (the release trains one sample per batch).
     num_threads / prefetch: decode threads and prefetched elements (decoded videos are large: keep this small).
     """
@@ -218,7 +219,15 @@ def stack_batch(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
 
 def _finish(ds: grain.MapDataset, decode: Callable, options: DataOptions, counter: SkipCounter,
             process_index: int, process_count: int) -> Pipeline:
-    ds = shard(ds, process_index, process_count)
+    # Finite epochs need equal shards (every process must run the same number of steps); the cut is counted. An
+    # endless stream keeps every sample: processes need not reach their epoch ends together.
+    even = options.num_epochs is not None
+    remainder = len(ds) % process_count if even else 0
+    ds = shard(ds, process_index, process_count, drop_remainder=even)
+    if remainder:
+        counter.add("shard_remainder", remainder)
+        log.warning("%d samples left out so that %d processes get equal shards (num_epochs=%s)", remainder,
+                    process_count, options.num_epochs)
     n = len(ds)
     if options.shuffle:
         ds = ds.shuffle(seed=_seed(options.seed, process_index, 0))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fractions
 import json
 import os
 import sys
@@ -108,8 +109,30 @@ def render(motion: ShapeMotion, num_frames: int, height: int, width: int) -> np.
     return out
 
 
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range YUV 4:2:0 (what decoders assume for an untagged H.264 stream).
+
+    Args:
+      rgb: ``[H, W, 3] uint8`` with even H and W.
+    Returns:
+      ``[3H/2, W] uint8``: the Y plane, then the 2x2-averaged Cb and Cr planes, flat (PyAV's ``yuv420p`` layout).
+    """
+    x = rgb.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    cb = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    h, w = y.shape
+
+    def half(c):
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(-1)
+
+    planes = np.concatenate([y.reshape(-1), half(cb), half(cr)]).reshape(h * 3 // 2, w)
+    return np.clip(np.round(planes), 0, 255).astype(np.uint8)
+
+
 def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
-    """Writes ``[T, H, W, 3] uint8`` RGB as H.264 (yuv420p, near-lossless, single-threaded for reproducibility)."""
+    """Writes ``[T, H, W, 3] uint8`` RGB as H.264 (yuv420p, near-lossless), byte-for-byte reproducibly."""
     import av
 
     t, h, w, _ = frames.shape
@@ -118,9 +141,14 @@ def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=int(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "10", "preset": "veryfast", "threads": "1"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "10", "preset": "veryfast"}
+        for i, frame in enumerate(frames):
+            # Our own RGB->YUV and explicit timestamps: with PyAV's RGB input conversion or without timestamps the
+            # encoder's output differs from run to run.
+            vf = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+            vf.pts, vf.time_base = i, fractions.Fraction(1, int(fps))
+            container.mux(stream.encode(vf))
         container.mux(stream.encode())
 
 
