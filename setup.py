@@ -21,13 +21,14 @@ setup(
     ],
     extras_require={
         "convert": ["torch==2.13.0", "safetensors>=0.4"],
-        "video": ["av>=12"],
+        "video": ["av>=12", "pillow>=10"],
         "text": ["sentencepiece>=0.2", "tokenizers>=0.20"],
         "test": [
             "pytest>=8",
             "torch==2.13.0",
             "safetensors>=0.4",
             "av>=12",
+            "pillow>=10",
             "sentencepiece>=0.2",
             "tokenizers>=0.20",
             "transformers>=4.50",
