@@ -1,7 +1,9 @@
 """``python -m infstar_jax.convert t5``: every source layout, the Flan-T5-XL key manifest, strict refusals."""
 
 import json
-import shutil
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,22 @@ def test_refuses_config_mismatch_and_bad_folders(small, tmp_path, capsys):
     (bare / "config.json").write_text(json.dumps({**SMALL, "model_type": "bert"}))
     _refused(capsys, bare, tmp_path / "out", "model_type is 'bert'")
     _refused(capsys, tmp_path / "nowhere", tmp_path / "out", "is not a folder")
+
+
+def test_command_line_exit_status(small, tmp_path):
+    """The real ``python -m infstar_jax.convert t5`` process: status 2 and the key named on a refusal, 0 on success."""
+    key = "encoder.final_layer_norm.weight"
+    sd = {k: v for k, v in small[1].items() if k != key}
+    bad = write_folder(tmp_path / "bad", SMALL, sd, "st")
+    good = write_folder(tmp_path / "good", SMALL, small[1], "st")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "infstar_jax.convert", "t5", "--src"]
+    proc = subprocess.run(cmd + [str(bad), "--out", str(tmp_path / "o1")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and repr(key) in proc.stderr and "missing key" in proc.stderr, proc.stderr
+    proc = subprocess.run(cmd + [str(good), "--out", str(tmp_path / "o2")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert read_meta(tmp_path / "o2")["kind"] == "t5"
 
 
 def test_existing_output_needs_overwrite(small, tmp_path, capsys):
