@@ -106,15 +106,16 @@ def test_relative_position_buckets_match_transformers():
     np.testing.assert_array_equal(relative_position_buckets(512, 512, 32, 128), ref(rel, 32, 128))
     # Any config: the table depends only on key - query, so one row (offsets 0..n-1) and one column (-(n-1)..0)
     # cover every offset.
+    # (20, 160) and (78, 608) have edge distances where an fp64 formula picks the neighbouring bucket.
     n = 1200
-    for nb in (4, 5, 7, 8, 16, 31, 33, 64, 100):
-        for md in sorted({nb // 4 + 1, 20, 128, 999}):
-            if md <= nb // 4:
-                continue
-            row = relative_position_buckets(1, n, nb, md)[0]
-            col = relative_position_buckets(n, 1, nb, md)[:, 0]
-            np.testing.assert_array_equal(row, ref(np.arange(n), nb, md), err_msg=f"buckets={nb} max_distance={md}")
-            np.testing.assert_array_equal(col, ref(-np.arange(n), nb, md), err_msg=f"buckets={nb} max_distance={md}")
+    configs = [(nb, md) for nb in (4, 5, 7, 8, 16, 31, 33, 64, 100) for md in sorted({nb // 4 + 1, 20, 128, 999})]
+    for nb, md in configs + [(20, 160), (78, 608)]:
+        if md <= nb // 4:
+            continue
+        row = relative_position_buckets(1, n, nb, md)[0]
+        col = relative_position_buckets(n, 1, nb, md)[:, 0]
+        np.testing.assert_array_equal(row, ref(np.arange(n), nb, md), err_msg=f"buckets={nb} max_distance={md}")
+        np.testing.assert_array_equal(col, ref(-np.arange(n), nb, md), err_msg=f"buckets={nb} max_distance={md}")
     assert relative_position_buckets(3, 5, 32, 128).shape == (3, 5)
 
 
