@@ -18,6 +18,7 @@ chunk with the conv caches carried between calls, optionally sharded over a mesh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -483,7 +484,49 @@ def init_params(model: VideoVAE, seed: int = 0):
 
 def _shape_key(tree) -> tuple:
     leaves, treedef = jax.tree.flatten(tree)
-    return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
+def _chunk_fn(model: VideoVAE, name: str, static: tuple):
+    """The pure per-chunk functions ``fn(variables, *args)`` that ``ChunkedVAE`` jits."""
+    if name == "enc":
+        return lambda v, pixels, cache: model.apply(v, pixels, cache, method=VideoVAE.encode_features)
+    if name == "latent":
+        return lambda v, enc, eps: model.apply(v, enc, eps, method=VideoVAE.latent_from_features)
+    (split_first,) = static
+
+    def dec(v, latent, cache):
+        z = model.apply(v, latent, method=VideoVAE.decoder_input)
+        pixels, cache = model.apply(v, z, cache, split_first, method=VideoVAE.decode_features)
+        return pixels.astype(F32), cache
+
+    return dec
+
+
+def activation_sharding(mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a ``B,T,H,W,C`` activation (or conv cache): batch over the data axes, rows over ``context`` (by
+    ``rules``), each dropped where it does not divide the dimension (small latents, odd sizes)."""
+    spec = logical_to_spec(ACTIVATION_NAMES, rules)
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        tup = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        fixed.append(axes if tup and dim % math.prod(mesh.shape[a] for a in tup) == 0 else None)
+    return NamedSharding(mesh, P(*fixed))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(model: VideoVAE, mesh, rules: tuple, name: str, static: tuple, arg_key: tuple):
+    """One jit per (model, mesh, function, static flags, argument shapes), shared by every ``ChunkedVAE``."""
+    fn = _chunk_fn(model, name, static)
+    if mesh is None:
+        return jax.jit(fn)
+    treedef, specs = arg_key
+    args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in specs])
+    abstract = abstract_variables(model)
+    act = lambda a: activation_sharding(mesh, a.shape, rules)  # noqa: E731
+    in_sh = (param_shardings(abstract, mesh, rules),) + tuple(jax.tree.map(act, a) for a in args)
+    out_sh = jax.tree.map(act, jax.eval_shape(fn, nn.meta.unbox(abstract), *args))
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh)
 
 
 class ChunkedVAE:
@@ -512,7 +555,6 @@ class ChunkedVAE:
         cfg = model.config
         self.model = model
         self.enc_factors = [cfg.encoder_temporal_factor(i) for i in range(cfg.num_blocks)]
-        self.dec_factors = [cfg.decoder_temporal_factor(i) for i in range(cfg.num_blocks)]
         tf = cfg.temporal_factor
         self.frames_per_chunk = int(frames_per_chunk or 2 * tf)
         if self.frames_per_chunk < 1 or self.frames_per_chunk % tf:
@@ -522,46 +564,12 @@ class ChunkedVAE:
             raise ValueError(f"latent_frames_per_chunk={latent_frames_per_chunk} must be a positive even number")
         self.mesh = mesh
         self.rules = tuple(rules) if rules is not None else DEFAULT_RULES
-        self._jitted: dict = {}
-        self._param_shardings = None
 
-    # -- sharding ------------------------------------------------------------------------------------------------------
-
-    def _act_sharding(self, shape) -> NamedSharding:
-        spec = logical_to_spec(ACTIVATION_NAMES, self.rules)
-        fixed = []
-        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-            tup = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-            size = math.prod(self.mesh.shape[a] for a in tup)
-            fixed.append(axes if tup and dim % size == 0 else None)
-        return NamedSharding(self.mesh, P(*fixed))
-
-    def _params_sharding(self, variables):
-        if self._param_shardings is None:
-            abstract = abstract_variables(self.model)
-            self._param_shardings = param_shardings(abstract, self.mesh, self.rules)
-        return self._param_shardings
-
-    def _call(self, name: str, fn, static: tuple, variables, *args):
-        """Runs ``fn(variables, *args)`` through a jit made once per (name, static flags, arg shapes)."""
-        key = (name, static, _shape_key(args))
-        if key not in self._jitted:
-            if self.mesh is None:
-                self._jitted[key] = jax.jit(fn)
-            else:
-                act = lambda a: self._act_sharding(a.shape)  # noqa: E731
-                in_sh = (self._params_sharding(variables),) + tuple(jax.tree.map(act, a) for a in args)
-                out_abs = jax.eval_shape(fn, variables, *args)
-                self._jitted[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=jax.tree.map(act, out_abs))
-        return self._jitted[key](variables, *args)
+    def _call(self, name: str, static: tuple, variables, *args):
+        fn = _jitted(self.model, self.mesh, self.rules, name, static, _shape_key(args))
+        return fn(variables, *args)
 
     # -- encode --------------------------------------------------------------------------------------------------------
-
-    def _enc_chunk(self, variables, pixels, cache):
-        return self.model.apply(variables, pixels, cache, method=VideoVAE.encode_features)
-
-    def _to_latent(self, variables, enc, eps):
-        return self.model.apply(variables, enc, eps, method=VideoVAE.latent_from_features)
 
     def latent_shape(self, pixel_shape: Sequence[int]) -> tuple[int, ...]:
         """Latent shape ``[B,t,H/16,W/16,4c]`` for a pixel clip ``[B,T,H,W,3]`` (sum over the chunks)."""
@@ -575,7 +583,7 @@ class ChunkedVAE:
         _check_pixels(pixels, self.model.config)
         outs, cache = [], None
         for start, end in encoder_chunks(pixels.shape[1], self.frames_per_chunk):
-            out, cache = self._call("enc", self._enc_chunk, (), variables, pixels[:, start:end], cache)
+            out, cache = self._call("enc", (), variables, pixels[:, start:end], cache)
             outs.append(out)
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
@@ -588,19 +596,9 @@ class ChunkedVAE:
         _check_pixels(pixels, self.model.config)
         eps = _posterior_noise(key, eps, self.latent_shape(pixels.shape))
         enc = self.encode_features(variables, pixels)
-        return self._call("latent", self._to_latent, (), variables, enc, eps)
+        return self._call("latent", (), variables, enc, eps)
 
     # -- decode --------------------------------------------------------------------------------------------------------
-
-    def _dec_chunk_fn(self, split_first: bool):
-        model = self.model
-
-        def fn(variables, latent, cache):
-            z = model.apply(variables, latent, method=VideoVAE.decoder_input)
-            pixels, cache = model.apply(variables, z, cache, split_first, method=VideoVAE.decode_features)
-            return pixels.astype(F32), cache
-
-        return fn
 
     def decode(self, variables, latent: jax.Array, *, frames: bool = False) -> jax.Array:
         """``latent [B,t,h,w,4c] -> raw pixels [B,T,16h,16w,3]`` fp32 (not clamped), chunk by chunk.
@@ -611,8 +609,7 @@ class ChunkedVAE:
         _check_latent(latent, self.model.config)
         outs, cache = [], None
         for start, end, split_first in decoder_chunks(latent.shape[1], self.latent_frames_per_chunk):
-            fn = self._dec_chunk_fn(split_first)
-            out, cache = self._call("dec", fn, (split_first,), variables, latent[:, start:end], cache)
+            out, cache = self._call("dec", (split_first,), variables, latent[:, start:end], cache)
             if frames:
                 out = _frames_no_replace(out)
             outs.append(out)
