@@ -516,17 +516,18 @@ def activation_sharding(mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> Name
 
 @functools.lru_cache(maxsize=64)
 def _jitted(model: VideoVAE, mesh, rules: tuple, name: str, static: tuple, arg_key: tuple):
-    """One jit per (model, mesh, function, static flags, argument shapes), shared by every ``ChunkedVAE``."""
+    """One jit per (model, mesh, function, static flags, argument shapes), shared by every ``ChunkedVAE``; returns
+    ``(jitted, in_shardings or None)``."""
     fn = _chunk_fn(model, name, static)
     if mesh is None:
-        return jax.jit(fn)
+        return jax.jit(fn), None
     treedef, specs = arg_key
     args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in specs])
     abstract = abstract_variables(model)
     act = lambda a: activation_sharding(mesh, a.shape, rules)  # noqa: E731
     in_sh = (param_shardings(abstract, mesh, rules),) + tuple(jax.tree.map(act, a) for a in args)
     out_sh = jax.tree.map(act, jax.eval_shape(fn, nn.meta.unbox(abstract), *args))
-    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh)
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), in_sh
 
 
 class ChunkedVAE:
@@ -566,7 +567,11 @@ class ChunkedVAE:
         self.rules = tuple(rules) if rules is not None else DEFAULT_RULES
 
     def _call(self, name: str, static: tuple, variables, *args):
-        fn = _jitted(self.model, self.mesh, self.rules, name, static, _shape_key(args))
+        fn, in_sh = _jitted(self.model, self.mesh, self.rules, name, static, _shape_key(args))
+        if in_sh is not None:
+            # Slices of sharded arrays (and host arrays) are moved to the chunk's shardings explicitly; a no-op for
+            # arrays already there (params after the first chunk, caches from the previous chunk).
+            variables, *args = jax.device_put((variables, *args), in_sh)
         return fn(variables, *args)
 
     # -- encode --------------------------------------------------------------------------------------------------------
