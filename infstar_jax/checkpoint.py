@@ -28,8 +28,10 @@ import orbax.checkpoint.experimental.v1 as ocp
 
 log = logging.getLogger(__name__)
 
-# orbax renamed load_pytree -> load (0.12.8 warns on the old name; older releases only have the old one).
+# orbax renamed load_pytree -> load and pytree_metadata -> metadata (0.12.8 warns on the old names; older releases
+# only have the old ones).
 _load = getattr(ocp, "load", None) or ocp.load_pytree
+_metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata
 
 META_FILE = "infstar.json"
 PARAMS_DIR = "params"
@@ -82,7 +84,7 @@ def save_params_streaming(
         pending: dict[tuple[str, ...], np.ndarray] = {}
         wrote_any = False
         for path, array in leaves:
-            pending[path] = np.asarray(array)
+            pending[path] = array
             if len(pending) >= leaves_per_write:
                 ocp.partial.save(tmp / PARAMS_DIR, _nest(pending))
                 pending.clear()
@@ -132,16 +134,18 @@ def load_params(ckpt_dir: str | os.PathLike, target: Any = None, *, kind: str | 
     Args:
       ckpt_dir: a directory written by ``save_params``/``save_params_streaming``.
       target: optional tree of ``jax.ShapeDtypeStruct`` (with ``.sharding``) or arrays; params are then restored
-        already sharded, cast to the target dtypes, and shape-checked. ``None`` restores host numpy arrays.
+        already sharded, cast to the target dtypes, and shape-checked. ``None`` restores arrays on the host CPU.
       kind: if given, the checkpoint's ``kind`` must match.
     """
     meta = read_meta(ckpt_dir)
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{ckpt_dir} holds a {meta.get('kind')!r} checkpoint, expected {kind!r}")
     path = Path(ckpt_dir) / PARAMS_DIR
+    stored = _metadata(path).metadata
     if target is None:
-        return _load(path)
-    stored = ocp.pytree_metadata(path).metadata
+        # Host arrays: restore onto the first CPU device, whatever devices the writer had.
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu), stored)
     flat_t, _ = jax.tree_util.tree_flatten_with_path(target)
     flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
     want = {jax.tree_util.keystr(k) for k, _ in flat_t}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -237,7 +238,7 @@ def convert(
     table: Table,
     expected: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Validates, then yields ``(param path, array)`` one leaf at a time, each shape/dtype-checked."""
+    """Validates, then yields ``(param path, host jax.Array)`` one leaf at a time, each shape/dtype-checked."""
     validate(source, table, expected)
     for rule in table.rules:
         shape, dtype = expected[rule.path]
@@ -256,8 +257,12 @@ def convert(
                 f"{source.description}: param {'/'.join(rule.path)} from {rule.keys[0]!r}"
                 f"{' ...' if len(rule.keys) > 1 else ''} has shape {tuple(out.shape)}, expected {tuple(shape)}"
             )
-        yield rule.path, out
+        # Hand the writer a (host) jax.Array: orbax then writes from its buffer without a serialisation copy, and the
+        # numpy staging buffer is released before the write starts, so one leaf is resident at a time.
+        leaf = jax.device_put(out, jax.local_devices(backend="cpu")[0])
         del out
+        yield rule.path, leaf
+        del leaf
 
 
 def flatten_expected(abstract_params: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
