@@ -239,7 +239,9 @@ class EncodeResult(NamedTuple):
     intermediates: Optional[dict]
 
 
-MaskFn = Callable[[Step, tuple], Optional[jax.Array]]
+# mask_fn(si, bits_shape) -> bool [reps(si), *bits_shape] (the flip masks of the scale's repetitions) or None.
+MaskFn = Callable[[int, tuple], Optional[jax.Array]]
+_INTERMEDIATES = ("cum_before", "residual", "residual_down", "q_raw", "up")
 
 
 def _check_latent(latent: jax.Array, plan: Plan) -> None:
@@ -251,49 +253,61 @@ def _check_latent(latent: jax.Array, plan: Plan) -> None:
         )
 
 
+def _quantize_step(target, cum, scale, d, self_correct, mask, return_intermediates):
+    """One (scale, repetition) step on a clip: returns (cum after the step, the step's outputs)."""
+    _, ph, pw = scale
+    x_in = next_input(cum, scale)
+    residual = target - cum
+    residual_down = interp_chw(residual, (d, ph, pw), "area")
+    q_raw, bits = bsq_quantize(residual_down)
+    if self_correct:
+        used = bits if mask is None else jnp.where(mask, 1 - bits, bits).astype(jnp.uint8)
+        codes = bits_to_codes(used)
+    else:  # the reference does not requantise the schedule's last scale: it accumulates the BSQ output itself
+        used, codes = bits, q_raw
+    up = upsample_codes(codes, cum.shape)
+    out = {"x_in": x_in, "bits": bits, "used_bits": used, "codes": codes}
+    if return_intermediates:
+        out.update(cum_before=cum, residual=residual, residual_down=residual_down, q_raw=q_raw, up=up)
+    return cum + up, out
+
+
 def _encode(latent: jax.Array, plan: Plan, mask_fn: MaskFn, return_intermediates: bool) -> EncodeResult:
-    """The one implementation; `mask_fn(step, bits_shape)` gives the step's flip mask (bool) or None; it is only
-    asked on scales with self-correction."""
+    """The one implementation; `mask_fn` gives the flip masks of a self-corrected scale's repetitions.
+
+    The repetitions of a scale share every shape, so they run as one `lax.scan`: the traced program grows with the
+    number of scales, not of steps.
+    """
     _check_latent(latent, plan)
     latent = latent.astype(jnp.float32)
     batch = latent.shape[0]
-    x_ins, bits_all, used_all, codes_all, clip_codes = [], [], [], [], []
-    inter = {k: [] for k in ("cum_before", "residual", "residual_down", "q_raw", "up")}
-    steps = plan.steps
+    outs, clip_codes = [], []
     for clip in range(plan.num_clips):
         fs, fe = plan.clip_frames(clip)
         target = latent[:, fs:fe]
         cum = init_accumulator(plan, clip, batch)
-        for step in (s for s in steps if plan.clips[s.si] == clip):
-            _, ph, pw = plan.scales[step.si]
-            x_ins.append(next_input(cum, plan.scales[step.si]))
-            residual = target - cum
-            residual_down = interp_chw(residual, (plan.bits[step.si], ph, pw), "area")
-            q_raw, bits = bsq_quantize(residual_down)
-            if plan.self_correct[step.si]:
-                mask = mask_fn(step, bits.shape)
-                used = bits if mask is None else jnp.where(mask, 1 - bits, bits).astype(jnp.uint8)
-                codes = bits_to_codes(used)
+        for si in plan.clip_scales(clip):
+            sc = plan.self_correct[si]
+            masks = mask_fn(si, plan.bits_shape(si, batch)) if sc else None
+
+            def step(c, m, si=si, sc=sc):
+                return _quantize_step(target, c, plan.scales[si], plan.bits[si], sc, m, return_intermediates)
+
+            if plan.reps[si] == 1:
+                cum, out = step(cum, None if masks is None else masks[0])
+                outs.append(out)
             else:
-                used, codes = bits, q_raw
-            up = upsample_codes(codes, cum.shape)
-            if return_intermediates:
-                for k, v in (("cum_before", cum), ("residual", residual), ("residual_down", residual_down),
-                             ("q_raw", q_raw), ("up", up)):
-                    inter[k].append(v)
-            cum = cum + up
-            bits_all.append(bits)
-            used_all.append(used)
-            codes_all.append(codes)
+                cum, stacked = jax.lax.scan(step, cum, masks, length=plan.reps[si])
+                outs.extend(jax.tree.map(lambda v, r=r: v[r], stacked) for r in range(plan.reps[si]))
         clip_codes.append(cum)
     return EncodeResult(
-        x_in=tuple(x_ins),
-        bits=tuple(bits_all),
-        used_bits=tuple(used_all),
-        codes=tuple(codes_all),
+        x_in=tuple(o["x_in"] for o in outs),
+        bits=tuple(o["bits"] for o in outs),
+        used_bits=tuple(o["used_bits"] for o in outs),
+        codes=tuple(o["codes"] for o in outs),
         clip_codes=tuple(clip_codes),
         summed_codes=jnp.concatenate(clip_codes, axis=1),
-        intermediates={k: tuple(v) for k, v in inter.items()} if return_intermediates else None,
+        intermediates={k: tuple(o[k] for o in outs) for k in _INTERMEDIATES} if return_intermediates else None,
     )
 
 
@@ -322,13 +336,19 @@ def encode(
                     "reference never self-corrects; give it no flip mask"
                 )
 
-    def mask_fn(step: Step, shape: tuple) -> Optional[jax.Array]:
-        if flip_masks is None or flip_masks[step.index] is None:
+    def mask_fn(si: int, shape: tuple) -> Optional[jax.Array]:
+        if flip_masks is None:
             return None
-        mask = jnp.asarray(flip_masks[step.index])
-        if tuple(mask.shape) != tuple(shape):
-            raise ValueError(f"encode: flip mask of step {step.index} has shape {mask.shape}, expected {shape}")
-        return mask.astype(bool)
+        ks = [plan.step_index(si, r) for r in range(plan.reps[si])]
+        if all(flip_masks[k] is None for k in ks):
+            return None
+        per_rep = []
+        for k in ks:
+            m = jnp.zeros(shape, bool) if flip_masks[k] is None else jnp.asarray(flip_masks[k])
+            if tuple(m.shape) != tuple(shape):
+                raise ValueError(f"encode: flip mask of step {k} has shape {m.shape}, expected {shape}")
+            per_rep.append(m.astype(bool))
+        return jnp.stack(per_rep)
 
     return _encode(latent, plan, mask_fn, return_intermediates)
 
@@ -345,23 +365,24 @@ def encode_self_correct(
 
     flip_probs: [num_steps] float (traced; e.g. `sample_flip_probs`); entries of steps on scales without
     self-correction are ignored. One uniform draw covers all steps' bits (one RNG kernel to compile, not one per
-    step); step k uses its slice, in step order.
+    step); the steps take consecutive slices of it in step order.
     """
     flip_probs = jnp.asarray(flip_probs, jnp.float32)
     if flip_probs.shape != (plan.num_steps,):
         raise ValueError(f"encode_self_correct: flip_probs must have shape ({plan.num_steps},), got {flip_probs.shape}")
     batch = latent.shape[0]
     offsets, total = {}, 0
-    for step in plan.steps:
-        if plan.self_correct[step.si]:
-            offsets[step.index] = total
-            total += int(np.prod(plan.bits_shape(step.si, batch)))
+    for si in range(plan.num_scales):
+        if plan.self_correct[si]:
+            offsets[si] = total
+            total += plan.reps[si] * int(np.prod(plan.bits_shape(si, batch)))
     uniforms = jax.random.uniform(key, (total,), jnp.float32)
 
-    def mask_fn(step: Step, shape: tuple) -> jax.Array:
-        start = offsets[step.index]
-        u = jax.lax.slice(uniforms, (start,), (start + int(np.prod(shape)),)).reshape(shape)
-        return u < flip_probs[step.index]
+    def mask_fn(si: int, shape: tuple) -> jax.Array:
+        reps, k0 = plan.reps[si], plan.step_index(si, 0)
+        u = jax.lax.slice(uniforms, (offsets[si],), (offsets[si] + reps * int(np.prod(shape)),))
+        p = jax.lax.slice(flip_probs, (k0,), (k0 + reps,)).reshape((reps,) + (1,) * len(shape))
+        return u.reshape((reps, *shape)) < p
 
     return _encode(latent, plan, mask_fn, return_intermediates)
 
@@ -370,7 +391,8 @@ def sample_flip_probs(key: jax.Array, plan: Plan, strength) -> jax.Array:
     """Per-step flip probabilities as the reference draws them (`apply_noise_requant`): p = randint(0, 100·s + 1)/100.
 
     strength: a float (every scale) or a per-scale sequence (indexed by si, at least num_scales entries); s = 0.3
-    gives p uniform on {0.00, 0.01, ..., 0.30}, s < 0 gives p = 0. Steps without self-correction get 0.
+    gives p uniform on {0.00, 0.01, ..., 0.30}, s < 0 gives p = 0. The bound is truncated to an integer as numpy
+    does with the reference's float bound (s = 0.29 gives at most 0.28). Steps without self-correction get 0.
     Returns [num_steps] fp32.
     """
     if np.ndim(strength) == 0:
