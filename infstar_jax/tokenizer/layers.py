@@ -117,8 +117,8 @@ def nearest_resize(x: jax.Array, size: Sequence[int]) -> jax.Array:
 def resize_like_features(z: jax.Array, size: Sequence[int]) -> jax.Array:
     """SpatialNorm's resize of the decoder latent ``z [B,t,h,w,C]`` to a feature map of ``size = (T,H,W)``.
 
-    For odd ``T > 1`` the first frame is resized alone and frames ``1..`` to ``T-1`` frames, so that the first latent frame
-    maps to the first output frame only (causal first-frame handling); otherwise all frames are resized together.
+    For odd ``T > 1`` the first frame is resized alone and frames ``1..`` to ``T-1`` frames, so that the first latent
+    frame maps to the first output frame only (causal first-frame handling); otherwise all frames are resized together.
     """
     t, h, w = (int(s) for s in size)
     if t > 1 and t % 2 == 1:
@@ -189,7 +189,8 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)), (c,), self.param_dtype)
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",))
+        gamma = self.param("gamma", init, (c,), self.param_dtype)
         x = x.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
         return x / jnp.maximum(norm, 1e-12) * np.float32(c**0.5) * gamma.astype(jnp.float32)
@@ -253,8 +254,8 @@ class DCDownBlock(nn.Module):
 
     ``x = conv(silu(RMS(h)))`` to ``out/4`` channels; x and the raw input h are each rearranged ``(ph pw c)``; for odd
     ``T > 1`` frame 0 is handled alone (spatial only) and the other frames are grouped in ``tf`` consecutive frames and
-    averaged; even ``T``: all frames grouped; ``T == 1``: spatial only. The skip averages the rearranged h over groups of
-    ``out`` channels. ``[B,T,H,W,Cin] -> [B,T',H/2,W/2,out]``; cache ``{"conv"}``.
+    averaged; even ``T``: all frames grouped; ``T == 1``: spatial only. The skip averages the rearranged h over groups
+    of ``out`` channels. ``[B,T,H,W,Cin] -> [B,T',H/2,W/2,out]``; cache ``{"conv"}``.
     """
 
     out_channels: int
@@ -292,9 +293,9 @@ class DCDownBlock(nn.Module):
             raise ValueError(f"DC down-block output width {self.out_channels} must be divisible by 4")
         x = shard_activation(x)
         h = nn.silu(RMSNorm(self.param_dtype, name="norm")(x))
-        h, c = CausalConv3d(
-            self.out_channels // 4, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="conv"
-        )(h, cache.get("conv"))
+        num = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        conv = CausalConv3d(self.out_channels // 4, **num, name="conv")
+        h, c = conv(h, cache.get("conv"))
         h = self._rearrange(h)
         y = self._rearrange(x)
         g = y.shape[-1] // self.out_channels
@@ -307,7 +308,8 @@ class DCUpBlock(nn.Module):
 
     ``x = conv(silu(RMS(h)))`` to ``out*4*tf`` channels rearranged ``(pt ph pw c)``; skip = h tiled along channels and
     rearranged the same way; with ``tf > 1`` and (odd ``T`` or ``split_first``) the first ``tf`` output frames are
-    averaged into one (first latent frame -> first output frame). ``[B,T,H,W,Cin] -> [B,T',2H,2W,out]``; cache ``{"conv"}``.
+    averaged into one (first latent frame -> first output frame). ``[B,T,H,W,Cin] -> [B,T',2H,2W,out]``;
+    cache ``{"conv"}``.
     """
 
     out_channels: int
@@ -327,9 +329,9 @@ class DCUpBlock(nn.Module):
         compress_first = x.shape[1] % 2 == 1 or split_first
         x = shard_activation(x)
         h = nn.silu(RMSNorm(self.param_dtype, name="norm")(x))
-        h, c = CausalConv3d(cout, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="conv")(
-            h, cache.get("conv")
-        )
+        num = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        conv = CausalConv3d(cout, **num, name="conv")
+        h, c = conv(h, cache.get("conv"))
         h = depth_to_space(h, tf)
         y = depth_to_space(jnp.tile(x, (1, 1, 1, 1, cout // cin)), tf)
         if tf > 1 and compress_first:

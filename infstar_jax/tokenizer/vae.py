@@ -10,9 +10,10 @@
 * ``decode(latent) -> pixels [B,T,H,W,3]`` (raw, not clamped): ``/ scale`` -> ``proj_up`` -> unpatchify -> decoder.
 * ``encode_features`` / ``decode_features``: the encoder / decoder alone, one chunk at a time with explicit conv caches.
 
-``ChunkedVAE`` runs long videos chunk by chunk (the reference's chunks by default: encoder frames ``[0,9), [9,17), ...``;
-decoder latent frames ``[0,3), [3,5), ...`` or ``[0,4)`` with ``split_first`` for even counts), one jitted call per
-chunk with the conv caches carried between calls, optionally sharded over a mesh. It equals whole-sequence execution.
+``ChunkedVAE`` runs long videos chunk by chunk (the reference's chunks by default: encoder frames
+``[0,9), [9,17), ...``; decoder latent frames ``[0,3), [3,5), ...`` or ``[0,4)`` with ``split_first`` for even
+counts), one jitted call per chunk with the conv caches carried between calls, optionally sharded over a mesh. It
+equals whole-sequence execution.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class VAEConfig:
         return lst[-idx] if idx >= 0 else None
 
     def decoder_has_up(self, i: int) -> bool:
-        return bool(self._decoder_factor(i, self.temporal_compression_list) or self._decoder_factor(i, self.spatial_compression_list))
+        t = self._decoder_factor(i, self.temporal_compression_list)
+        return bool(t or self._decoder_factor(i, self.spatial_compression_list))
 
     def decoder_temporal_factor(self, i: int) -> int:
         return self._decoder_factor(i, self.temporal_compression_list) or 1
@@ -122,7 +124,11 @@ class VAEConfig:
         return math.prod(self.encoder_temporal_factor(i) for i in range(self.num_blocks))
 
     def to_dict(self) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
@@ -172,9 +178,9 @@ def encoder_chunks(num_frames: int, frames_per_chunk: int) -> list[tuple[int, in
 def decoder_chunks(num_latent: int, latent_per_chunk: int) -> list[tuple[int, int, bool]]:
     """The reference's decoder chunks (``_decode``) as ``(start, end, split_first)``.
 
-    With ``L`` latent frames per chunk: ``[0, L+r), [L+r, 2L+r), ...``, ``r = t mod L``, and when ``L`` divides ``t`` the
-    first chunk takes ``2L`` frames. ``split_first`` is set for an even-length first chunk (the reference sets it when
-    ``L`` divides ``t``, the same thing for its ``L = 2``). Two latent frames, which the reference cannot decode
+    With ``L`` latent frames per chunk: ``[0, L+r), [L+r, 2L+r), ...``, ``r = t mod L``, and when ``L`` divides
+    ``t`` the first chunk takes ``2L`` frames. ``split_first`` is set for an even-length first chunk (the reference
+    sets it when ``L`` divides ``t``, the same thing for its ``L = 2``). Two latent frames, which the reference cannot decode
     (``torch.cat([])``), decode here as one chunk with ``split_first``, as whole-sequence decoding does.
     """
     if num_latent < 1:
@@ -213,7 +219,8 @@ class _Numerics(nn.Module):
 
 
 class DownBlock(_Numerics):
-    """``CogVideoXDownBlock3D`` (dc mode): ``layers_per_block`` resnets at the input width, then an optional DC down-sampler."""
+    """``CogVideoXDownBlock3D`` (dc mode): ``layers_per_block`` resnets at the input width, then an optional DC
+    down-sampler."""
 
     index: int = 0
 
@@ -223,15 +230,18 @@ class DownBlock(_Numerics):
         cache = cache or {}
         new = {}
         for j in range(cfg.layers_per_block):
-            x, new[f"resnets_{j}"] = ResnetBlock(False, **self.num, name=f"resnets_{j}")(x, None, cache.get(f"resnets_{j}"))
+            res = ResnetBlock(False, **self.num, name=f"resnets_{j}")
+            x, new[f"resnets_{j}"] = res(x, None, cache.get(f"resnets_{j}"))
         if cfg.encoder_has_down(i):
-            down = DCDownBlock(cfg.block_out_channels[i + 1], cfg.encoder_temporal_factor(i), **self.num, name="downsampler")
+            out = cfg.block_out_channels[i + 1]
+            down = DCDownBlock(out, cfg.encoder_temporal_factor(i), **self.num, name="downsampler")
             x, new["downsampler"] = down(x, cache.get("downsampler"))
         return x, new
 
 
 class UpBlock(_Numerics):
-    """``CogVideoXUpBlock3D`` (dc mode): ``layers_per_block + 1`` SpatialNorm resnets, then an optional DC up-sampler."""
+    """``CogVideoXUpBlock3D`` (dc mode): ``layers_per_block + 1`` SpatialNorm resnets, then an optional DC
+    up-sampler."""
 
     index: int = 0
 
@@ -241,7 +251,8 @@ class UpBlock(_Numerics):
         cache = cache or {}
         new = {}
         for j in range(cfg.layers_per_block + 1):
-            x, new[f"resnets_{j}"] = ResnetBlock(True, **self.num, name=f"resnets_{j}")(x, zq, cache.get(f"resnets_{j}"))
+            res = ResnetBlock(True, **self.num, name=f"resnets_{j}")
+            x, new[f"resnets_{j}"] = res(x, zq, cache.get(f"resnets_{j}"))
         if cfg.decoder_has_up(i):
             out = cfg.block_out_channels[::-1][i + 1]
             up = DCUpBlock(out, cfg.decoder_temporal_factor(i), **self.num, name="upsampler")
@@ -281,12 +292,14 @@ class Encoder(_Numerics):
             )
         h, new["mid_block"] = MidBlock(cfg, **self.num, name="mid_block")(h, None, cache.get("mid_block"))
         h = nn.silu(RMSNorm(self.param_dtype, name="norm_out")(h))
-        h, new["conv_out"] = CausalConv3d(2 * cfg.latent_channels, **self.num, name="conv_out")(h, cache.get("conv_out"))
+        conv_out = CausalConv3d(2 * cfg.latent_channels, **self.num, name="conv_out")
+        h, new["conv_out"] = conv_out(h, cache.get("conv_out"))
         return shard_activation(h), new
 
 
 class Decoder(_Numerics):
-    """``CogVideoXDecoder3D``: ``z [B,t,h,w,latent] -> pixels [B,T,8h,8w,3]``; every SpatialNorm sees this chunk's ``z``."""
+    """``CogVideoXDecoder3D``: ``z [B,t,h,w,latent] -> pixels [B,T,8h,8w,3]``; every SpatialNorm sees this chunk's
+    ``z``."""
 
     @nn.compact
     def __call__(self, z, cache=None, split_first: bool = False):
@@ -296,7 +309,8 @@ class Decoder(_Numerics):
         rev = cfg.block_out_channels[::-1]
         z = shard_activation(z)
         h, new["conv_in"] = CausalConv3d(rev[0], **self.num, name="conv_in")(z, cache.get("conv_in"))
-        h, new["mid_block"] = MidBlock(cfg, **self.num, spatial_norm=True, name="mid_block")(h, z, cache.get("mid_block"))
+        mid = MidBlock(cfg, **self.num, spatial_norm=True, name="mid_block")
+        h, new["mid_block"] = mid(h, z, cache.get("mid_block"))
         for i in range(cfg.num_blocks):
             h, new[f"up_blocks_{i}"] = UpBlock(cfg, **self.num, index=i, name=f"up_blocks_{i}")(
                 h, z, cache.get(f"up_blocks_{i}"), split_first
@@ -338,7 +352,8 @@ def _check_latent(latent: jax.Array, cfg: VAEConfig) -> None:
 
 
 class VideoVAE(_Numerics):
-    """Encoder + decoder + absorbed patchify + ``proj_down``/``proj_up`` + learned scale (``scale_learnable_parameters[0]``)."""
+    """Encoder + decoder + absorbed patchify + ``proj_down``/``proj_up`` + the learned scale
+    (``scale_learnable_parameters[0]``)."""
 
     def setup(self):
         cfg = self.config
@@ -519,15 +534,17 @@ def _jitted(model: VideoVAE, mesh, rules: tuple, name: str, static: tuple, arg_k
     """One jit per (model, mesh, function, static flags, argument shapes), shared by every ``ChunkedVAE``; returns
     ``(jitted, in_shardings or None)``."""
     fn = _chunk_fn(model, name, static)
+    # The carried conv cache (argument 2 of the encoder/decoder chunk functions) is consumed: donate its buffers.
+    donate = (2,) if name in ("enc", "dec") else ()
     if mesh is None:
-        return jax.jit(fn), None
+        return jax.jit(fn, donate_argnums=donate), None
     treedef, specs = arg_key
     args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in specs])
     abstract = abstract_variables(model)
     act = lambda a: activation_sharding(mesh, a.shape, rules)  # noqa: E731
     in_sh = (param_shardings(abstract, mesh, rules),) + tuple(jax.tree.map(act, a) for a in args)
     out_sh = jax.tree.map(act, jax.eval_shape(fn, nn.meta.unbox(abstract), *args))
-    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), in_sh
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate), in_sh
 
 
 class ChunkedVAE:
@@ -592,7 +609,8 @@ class ChunkedVAE:
             outs.append(out)
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
-    def encode(self, variables, pixels: jax.Array, *, key: jax.Array | None = None, eps: jax.Array | None = None) -> jax.Array:
+    def encode(self, variables, pixels: jax.Array, *, key: jax.Array | None = None,
+               eps: jax.Array | None = None) -> jax.Array:
         """``pixels [B,T,H,W,3] in [-1,1] -> latent [B,t,H/16,W/16,4c]`` fp32; exactly one of ``key`` / ``eps``.
 
         The encoder runs chunk by chunk; patchify, posterior sampling and ``proj_down`` act per position, so they run
@@ -644,5 +662,7 @@ def load_vae(ckpt_dir, *, dtype=F32, precision=None, target_shardings=None):
     target = None
     if target_shardings is not None:
         abstract = nn.meta.unbox(abstract_variables(model))["params"]
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, target_shardings)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, target_shardings
+        )
     return model, {"params": load_params(ckpt_dir, target, kind="vae")}
