@@ -39,7 +39,8 @@ def jit_encode(latent, plan, flip_masks=None, return_intermediates=False):
 def model_cases():
     """A_tokenizer case folders of tokenizer models (`meta.steps`); the resampling-op case is test_resample.py's."""
     params = case_params("A_tokenizer")
-    picked = [p for p in params if p.values[0] is None or "steps" in json.loads((p.values[0] / "meta.json").read_text())]
+    picked = [p for p in params
+              if p.values[0] is None or "steps" in json.loads((p.values[0] / "meta.json").read_text())]
     return picked or [pytest.param(None, id="A_tokenizer-no-model-case")]
 
 

@@ -118,7 +118,9 @@ class Plan:
             )
         reps = tuple(int(r) for r in reps)
         if len(reps) != len(scales):
-            raise ValueError(f"Plan.from_schedule: reps has {len(reps)} entries, expected one per scale ({len(scales)})")
+            raise ValueError(
+                f"Plan.from_schedule: reps has {len(reps)} entries, expected one per scale ({len(scales)})"
+            )
         frames, clips = [], []
         for si in range(len(scales)):
             clip = si // n

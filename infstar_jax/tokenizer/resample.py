@@ -46,7 +46,8 @@ def area_matrix(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
 def linear_taps(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Two-tap weights of 1-D linear resampling n -> m (align_corners=False), as PyTorch's CPU kernel computes them.
 
-    Returns `(i0 [m] int32, i1 [m] int32, w0 [m] float32, w1 [m] float32)`: output o = w0[o]·x[i0[o]] + w1[o]·x[i1[o]].
+    Returns `(i0 [m] int32, i1 [m] int32, w0 [m] float32, w1 [m] float32)`:
+    output o = w0[o]·x[i0[o]] + w1[o]·x[i1[o]].
     The source index is `fma(n/m, o + 0.5, -0.5)` rounded once to fp32 (torch's build contracts it; the fp64 product
     of two fp32 numbers is exact, so evaluating it in fp64 and rounding once reproduces the fused result).
     """
