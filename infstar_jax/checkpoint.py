@@ -5,9 +5,11 @@ A converted or exported model is a directory::
     DIR/infstar.json    {"kind": "transformer" | "vae" | "t5", "config": {...architecture...}, ...}
     DIR/params/         an orbax PyTree checkpoint of the param tree (plain nested dict of arrays)
 
-``save_params_streaming`` writes the params leaf by leaf (orbax partial save), so a converter never needs the whole
-model in host memory; everything is written under a temporary name and renamed at the end, so an interrupted
-conversion leaves nothing that looks complete. Train-state checkpoints (optimizer, data iterator) go through
+``save_params_streaming`` writes the params piece by piece (orbax partial save), so a converter never needs the whole
+model in host memory: a large layer-stacked leaf may arrive as consecutive *layer chunks* (``LayerChunk``), stored as
+``<leaf>/__layers_<start>_<end>`` and reassembled on load, so the peak is one chunk, not one ``[layers, ...]`` tensor.
+Everything is written under a temporary name and renamed at the end, so an interrupted conversion leaves nothing that
+looks complete. Train-state checkpoints (optimizer, data iterator) go through
 ``infstar_jax.training`` (an orbax ``CheckpointManager``); they restore params in this same tree layout.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
@@ -35,6 +38,23 @@ _metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata
 
 META_FILE = "infstar.json"
 PARAMS_DIR = "params"
+
+
+CHUNK_PREFIX = "__layers_"
+
+
+def chunk_key(start: int, end: int) -> str:
+    """Key of the layer chunk ``[start, end)`` of a stacked leaf."""
+    return f"{CHUNK_PREFIX}{start:05d}_{end:05d}"
+
+
+def _chunk_range(key: str) -> tuple[int, int]:
+    a, b = key[len(CHUNK_PREFIX):].split("_")
+    return int(a), int(b)
+
+
+def _is_chunked(node) -> bool:
+    return isinstance(node, Mapping) and bool(node) and all(str(k).startswith(CHUNK_PREFIX) for k in node)
 
 
 def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
@@ -128,6 +148,32 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     return json.loads(meta_path.read_text())
 
 
+def _stored_shapes(stored) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any, list]]:
+    """``{leaf path: (full shape, dtype, [(chunk key, start, end)] or [])}`` from orbax metadata."""
+    out = {}
+
+    def walk(node, path):
+        if _is_chunked(node):
+            chunks = sorted((k, *_chunk_range(k)) for k in node)
+            first = node[chunks[0][0]]
+            total = sum(e - b for _, b, e in chunks)
+            if [b for _, b, _ in chunks] != [0] + [e for _, _, e in chunks[:-1]]:
+                raise ValueError(f"{'/'.join(path)}: layer chunks {[c[1:] for c in chunks]} do not tile the stack")
+            out[path] = ((total, *first.shape[1:]), first.dtype, chunks)
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, path + (str(k),))
+        else:
+            out[path] = (tuple(node.shape), node.dtype, [])
+
+    walk(stored, ())
+    return out
+
+
+def _path_of(kp) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in kp)
+
+
 def load_params(ckpt_dir: str | os.PathLike, target: Any = None, *, kind: str | None = None) -> Any:
     """Restores params.
 
@@ -141,21 +187,48 @@ def load_params(ckpt_dir: str | os.PathLike, target: Any = None, *, kind: str | 
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{ckpt_dir} holds a {meta.get('kind')!r} checkpoint, expected {kind!r}")
     path = Path(ckpt_dir) / PARAMS_DIR
-    stored = _metadata(path).metadata
+    stored = _stored_shapes(_metadata(path).metadata)
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     if target is None:
         # Host arrays: restore onto the first CPU device, whatever devices the writer had.
-        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu), stored)
-    flat_t, _ = jax.tree_util.tree_flatten_with_path(target)
-    flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    want = {jax.tree_util.keystr(k) for k, _ in flat_t}
-    have = set(flat_s)
-    if want != have:
-        raise ValueError(
-            f"{ckpt_dir}: param tree mismatch; missing {sorted(want - have)[:10]}, unexpected {sorted(have - want)[:10]}"
-        )
-    for k, leaf in flat_t:
-        s = flat_s[jax.tree_util.keystr(k)]
-        if tuple(s.shape) != tuple(leaf.shape):
-            raise ValueError(f"{ckpt_dir}: {jax.tree_util.keystr(k)} has shape {tuple(s.shape)}, expected {tuple(leaf.shape)}")
-    return _load(path, target)
+        flat_target = {p: jax.ShapeDtypeStruct(shape, dt, sharding=cpu) for p, (shape, dt, _) in stored.items()}
+    else:
+        flat_target = {_path_of(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    missing, unexpected = sorted(set(flat_target) - set(stored)), sorted(set(stored) - set(flat_target))
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir}: param tree mismatch; missing {['/'.join(p) for p in missing][:10]}, "
+                         f"unexpected {['/'.join(p) for p in unexpected][:10]}")
+    read: dict[tuple[str, ...], Any] = {}
+    for p, leaf in flat_target.items():
+        shape, _, chunks = stored[p]
+        if tuple(shape) != tuple(leaf.shape):
+            raise ValueError(f"{ckpt_dir}: {'/'.join(p)} has shape {tuple(shape)}, expected {tuple(leaf.shape)}")
+        sharding = getattr(leaf, "sharding", None) or cpu
+        if not chunks:
+            read[p] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+            continue
+        for key, b, e in chunks:
+            read[p + (key,)] = jax.ShapeDtypeStruct((e - b, *leaf.shape[1:]), leaf.dtype,
+                                                    sharding=_chunk_sharding(sharding, e - b))
+    raw = _load(path, _nest(read))
+    out = {}
+    for p, leaf in flat_target.items():
+        node = raw
+        for k in p:
+            node = node[k]
+        chunks = stored[p][2]
+        if chunks:
+            sharding = getattr(leaf, "sharding", None) or cpu
+            parts = [node[key] for key, _, _ in chunks]
+            node = jax.jit(lambda *xs: jnp.concatenate(xs, axis=0), out_shardings=sharding)(*parts)
+        out[p] = node
+    return _nest(out)
+
+
+def _chunk_sharding(sharding, rows: int):
+    """The target's sharding for a layer chunk; the leading (layers) axis is replicated if it cannot be split."""
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) and sharding.spec[0] is not None:
+        axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+        if rows % int(np.prod([sharding.mesh.shape[a] for a in axes])):
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec[1:]))
+    return sharding

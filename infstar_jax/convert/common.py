@@ -233,36 +233,60 @@ def validate(source: TensorSource, table: Table, expected: Mapping[tuple[str, ..
         raise ConversionError(head + "\n  ".join(errors[:50]) + ("\n  ..." if len(errors) > 50 else ""))
 
 
+# Stacked leaves larger than this are written as layer chunks (checkpoint.chunk_key) so the converter holds at most
+# about this much of a leaf at a time.
+CHUNK_BYTES = 512 << 20
+
+
 def convert(
     source: TensorSource,
     table: Table,
     expected: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
-) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Validates, then yields ``(param path, host jax.Array)`` one leaf at a time, each shape/dtype-checked."""
+    chunk_bytes: int | None = None,
+) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
+    """Validates, then yields ``(param path, host jax.Array)`` pieces one at a time, each shape/dtype-checked.
+
+    A stacked (per-layer) leaf bigger than ``chunk_bytes`` is yielded as consecutive layer chunks under
+    ``path + (checkpoint.chunk_key(start, end),)``; ``checkpoint.load_params`` reassembles them.
+    """
+    from infstar_jax.checkpoint import chunk_key
+
     validate(source, table, expected)
+    cpu = jax.local_devices(backend="cpu")[0]
     for rule in table.rules:
         shape, dtype = expected[rule.path]
-        if rule.stacked:
-            out = None
-            for i, k in enumerate(rule.keys):
-                v = rule.transform(source.load(k))
-                if out is None:
-                    out = np.empty((len(rule.keys),) + v.shape, dtype)
-                out[i] = v
-                del v
-        else:
+        if not rule.stacked:
             out = np.asarray(rule.transform(source.load(rule.keys[0])), dtype)
-        if tuple(out.shape) != tuple(shape):
-            raise ConversionError(
-                f"{source.description}: param {'/'.join(rule.path)} from {rule.keys[0]!r}"
-                f"{' ...' if len(rule.keys) > 1 else ''} has shape {tuple(out.shape)}, expected {tuple(shape)}"
-            )
-        # Hand the writer a (host) jax.Array: orbax then writes from its buffer without a serialisation copy, and the
-        # numpy staging buffer is released before the write starts, so one leaf is resident at a time.
-        leaf = jax.device_put(out, jax.local_devices(backend="cpu")[0])
-        del out
-        yield rule.path, leaf
-        del leaf
+            _check_shape(source, rule, out.shape, shape)
+            yield rule.path, jax.device_put(out, cpu)
+            continue
+        if len(rule.keys) != shape[0]:
+            raise ConversionError(f"{source.description}: {len(rule.keys)} layers for {'/'.join(rule.path)}, "
+                                  f"expected {shape[0]}")
+        per_layer = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        group = max(1, (chunk_bytes or CHUNK_BYTES) // max(per_layer, 1))
+        for start in range(0, len(rule.keys), group):
+            end = min(start + group, len(rule.keys))
+            out = np.empty((end - start, *shape[1:]), dtype)
+            for i in range(start, end):
+                v = rule.transform(source.load(rule.keys[i]))
+                _check_shape(source, rule, v.shape, shape[1:], rule.keys[i])
+                out[i - start] = v
+                del v
+            # A host jax.Array: orbax writes it without a serialisation copy.
+            piece = jax.device_put(out, cpu)
+            del out
+            path = rule.path if (start == 0 and end == len(rule.keys)) else rule.path + (chunk_key(start, end),)
+            yield path, piece
+            del piece
+
+
+def _check_shape(source, rule, got, want, key=None):
+    if tuple(got) != tuple(want):
+        raise ConversionError(
+            f"{source.description}: param {'/'.join(rule.path)} from {(key or rule.keys[0])!r} has shape "
+            f"{tuple(got)}, expected {tuple(want)}"
+        )
 
 
 def flatten_expected(abstract_params: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
