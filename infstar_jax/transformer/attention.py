@@ -8,7 +8,10 @@ static mask. No ``L x L`` mask or score matrix exists in this path; ``BlockLayou
 test oracle.
 
 ``dot_product_attention`` is the single kernel entry point; it picks the implementation per backend (XLA on CPU,
-cuDNN on GPU when shapes allow, room for the TPU splash kernel).
+cuDNN on GPU when shapes allow, the Pallas splash kernel on TPU: ``splash.py``). On TPU ``block_sparse_attention`` is
+one splash call whose block-sparse mask skips the empty tiles. The TPU target is recognised from the platform of the
+current mesh as well as from the default backend, so that ahead-of-time compilation for a TPU topology on a CPU host
+(``infstar_jax.aot``) traces the TPU path.
 """
 
 from __future__ import annotations
@@ -169,7 +172,7 @@ def dot_product_attention(
       q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, Hkv, D]``; query head ``h`` uses kv head ``h // (H / Hkv)``.
       mask: optional static ``[Lq, Lk]`` bool (True = may attend).
       key_valid: optional ``[B, Lk]`` bool (False = padding key).
-      implementation: ``None`` (auto), ``"xla"`` or ``"cudnn"``.
+      implementation: ``None`` (auto), ``"xla"``, ``"cudnn"`` or ``"splash"``.
     Returns:
       ``[B, Lq, H, D]`` in ``v.dtype``.
     """
@@ -177,6 +180,10 @@ def dot_product_attention(
     hkv = k.shape[2]
     if h % hkv:
         raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
+    if _use_splash(implementation):
+        from infstar_jax.transformer import splash
+
+        return splash.attention(q, k, v, mask=mask, key_valid=key_valid).astype(v.dtype)
     impl = implementation or ("cudnn" if _cudnn_ok(q, k, mask) else "xla")
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, key_valid)
@@ -188,6 +195,19 @@ def dot_product_attention(
         bias = kb if bias is None else bias + kb
     o = _xla_attention(q.reshape(b, lq, hkv, h // hkv, d), k, v, bias)
     return o.reshape(b, lq, h, d).astype(v.dtype)
+
+
+def _use_splash(implementation: str | None) -> bool:
+    """Splash when asked for, or by default when the program is being built for TPU."""
+    if implementation is not None:
+        return implementation == "splash"
+    return _target_platform() == "tpu"
+
+
+def _target_platform() -> str:
+    """Platform of the current mesh's devices (an AOT topology mesh included), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _cudnn_ok(q, k, mask) -> bool:
@@ -228,6 +248,10 @@ def block_sparse_attention(
     """
     if q.shape[1] != layout.length:
         raise ValueError(f"sequence length {q.shape[1]} != layout length {layout.length}")
+    if _use_splash(implementation):
+        from infstar_jax.transformer import splash
+
+        return splash.block_sparse_attention(q, k, v, layout, key_valid=key_valid).astype(v.dtype)
     off, lens = layout.offsets, layout.lengths
     pieces = []
     pos = 0

@@ -1,0 +1,887 @@
+"""Ahead-of-time compilation for TPU pod topologies, on any host (no TPU needed; libtpu must be installed).
+
+``python -m infstar_jax.aot --config configs/infinity_qwen8b.py --topology v5p:4x4x2 [--mesh fsdp=16,tensor=2]
+[--what train|sample|all] [--out FILE] [--json FILE]``
+
+For the named topology (``v4:2x2x1``, ``v5e:2x4``, ``v5p:4x4x2``, ``v6e:8x8``; or a slice name such as ``v5p-64``,
+``v6e-64``, ``v5e-8``) the TPU compiler (libtpu) describes the chips; the programs are traced on abstract inputs
+(``jax.ShapeDtypeStruct`` with shardings: nothing is allocated), lowered, and compiled exactly as they would be on the
+pod. For each program a table row gives the per-chip argument / output / temp / total bytes against the chip's HBM,
+the FLOPs per chip, the bytes entering each kind of collective, the compile time and a verdict (fits, or does not fit
+and by how much). The serialized executables can be written (``--out``) for a launch to load instead of compiling.
+
+Programs: ``train`` = one optimizer step of the trainer at the longest packed sequence of the config's schedule;
+``sample`` = the sampler's text step and its largest visual step (the last scale; 2 rows per prompt for guidance).
+
+Exit status: 0 every program fits, 3 a program does not fit (or failed to compile), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+# libtpu takes a machine-wide lock file unless told that several processes may load it; compiling for a topology
+# never touches a TPU, so concurrent compiles (and other JAX processes on the host) are safe.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from infstar_jax import parallel, schedules  # noqa: E402
+from infstar_jax import config as config_lib  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+# HBM per chip (GiB) and the TPU generation's device_kind as libtpu reports it.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+DEVICE_KIND = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+# Torus dimensions of a topology name: v4/v5p are 3-D (AxBxC chips), v5e/v6e 2-D (AxB chips).
+TOPOLOGY_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
+GENERATION_ALIASES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
+# Slice names (Cloud TPU accelerator types) -> topology. v4/v5p names count TensorCores (2 per chip), v5e/v6e chips.
+SLICE_TOPOLOGIES = {
+    **{f"v5e-{n}": f"v5e:{s}" for n, s in [(1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"),
+                                           (128, "8x16"), (256, "16x16")]},
+    **{f"v6e-{n}": f"v6e:{s}" for n, s in [(1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"),
+                                           (128, "8x16"), (256, "16x16")]},
+    **{f"{g}-{n}": f"{g}:{s}" for g in ("v4", "v5p") for n, s in [(8, "2x2x1"), (16, "2x2x2"), (32, "2x2x4"),
+                                                                  (64, "4x4x2"), (128, "4x4x4"), (256, "4x4x8"),
+                                                                  (512, "4x8x8"), (1024, "8x8x8")]},
+}
+SLICE_TOPOLOGIES.update({k.replace("v5e-", "v5litepod-"): v for k, v in SLICE_TOPOLOGIES.items() if k.startswith("v5e")})
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+EXIT_DOES_NOT_FIT = 3
+
+
+class AotError(ValueError):
+    """A user-facing error: bad topology, mesh, config, or libtpu missing."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Topologies and meshes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice: generation (``v4``/``v5e``/``v5p``/``v6e``) and torus shape in chips."""
+
+    generation: str
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.generation}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def chips(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def hbm_bytes(self) -> int:
+        return HBM_GIB[self.generation] * GIB
+
+
+def _valid_topologies_text() -> str:
+    return (
+        "valid: GEN:AxB for v5e/v6e (e.g. v5e:2x2, v5e:2x4, v6e:8x8), GEN:AxBxC for v4/v5p (e.g. v4:2x2x1, "
+        "v5p:2x2x1, v5p:4x4x2, v5p:4x4x4), or a slice name: " + ", ".join(sorted(SLICE_TOPOLOGIES, key=_slice_key))
+    )
+
+
+def _slice_key(name: str):
+    gen, n = name.rsplit("-", 1)
+    return gen, int(n)
+
+
+def parse_topology(name: str) -> Topology:
+    """``"v5p:4x4x2"`` / ``"v5p-64"`` -> ``Topology``; anything else is refused with the list of valid forms."""
+    text = str(name).strip().lower()
+    text = SLICE_TOPOLOGIES.get(text, text)
+    m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", text)
+    if not m or m.group(1) not in GENERATION_ALIASES:
+        raise AotError(f"unknown TPU topology {name!r}; {_valid_topologies_text()}")
+    gen = GENERATION_ALIASES[m.group(1)]
+    shape = tuple(int(x) for x in m.group(2).split("x"))
+    if len(shape) != TOPOLOGY_DIMS[gen] or min(shape) < 1:
+        raise AotError(f"TPU topology {name!r}: {gen} slices are {TOPOLOGY_DIMS[gen]}-D; {_valid_topologies_text()}")
+    return Topology(gen, shape)
+
+
+def libtpu_available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(topology: Topology) -> list:
+    """The topology's devices (one per chip) as libtpu describes them."""
+    if not libtpu_available():
+        raise AotError(
+            "compiling for a TPU topology needs libtpu (pip install 'infstar-jax[test]' or the libtpu version that "
+            f"matches jax {jax.__version__}, see `pip install jax[tpu]`); it is not installed"
+        )
+    from jax.experimental import topologies
+
+    kw = {"chip_config_name": "megacore"} if topology.generation == "v4" else {}
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name, **kw)
+    except Exception as e:  # libtpu refuses shapes it cannot build (e.g. not a multiple of a host's chips)
+        raise AotError(f"libtpu refused topology {topology.name!r}: {e}; {_valid_topologies_text()}") from e
+    devices = list(desc.devices)
+    kind = devices[0].device_kind
+    if kind != DEVICE_KIND[topology.generation] or len(devices) != topology.chips:
+        raise AotError(
+            f"libtpu built {len(devices)} devices of kind {kind!r} for {topology.name!r}; expected {topology.chips} "
+            f"of kind {DEVICE_KIND[topology.generation]!r}"
+        )
+    return devices
+
+
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """``"fsdp=16,tensor=4"`` -> ``{"fsdp": 16, "tensor": 4}`` (axes left out are 1; one may be -1)."""
+    if text is None or not str(text).strip():
+        return None
+    out = {}
+    for part in str(text).split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in parallel.MESH_AXES or not re.fullmatch(r"-?\d+", value.strip()):
+            raise AotError(f"bad mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {parallel.MESH_AXES}, "
+                           "e.g. fsdp=16,tensor=4")
+        out[key] = int(value)
+    return out
+
+
+def mesh_constraints(cfg) -> dict[str, tuple[int, ...]]:
+    """Dimensions each mesh axis must divide for the model's parameters to shard evenly."""
+    return {"tensor": (cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim), "fsdp": (cfg.embed_dim,)}
+
+
+def valid_meshes(n: int, cfg, limit: int = 12) -> list[dict[str, int]]:
+    """Meshes over ``n`` devices (data=1, context=1) whose fsdp/tensor sizes divide the model's dimensions."""
+    cons = mesh_constraints(cfg)
+    out = []
+    for t in range(1, n + 1):
+        if n % t or any(d % t for d in cons["tensor"]) or any(d % (n // t) for d in cons["fsdp"]):
+            continue
+        out.append({"fsdp": n // t, "tensor": t} if t > 1 else {"fsdp": n})
+    return out[:limit]
+
+
+def _mesh_text(shape: Mapping[str, int]) -> str:
+    return ",".join(f"{a}={shape[a]}" for a in parallel.MESH_AXES if shape.get(a, 1) != 1) or "fsdp=1"
+
+
+def build_mesh(devices: Sequence[Any], shape: Mapping[str, int] | None, cfg) -> Mesh:
+    """The 4-axis mesh over the topology's devices; refuses sizes that do not multiply to the device count or that
+    do not divide the model's sharded dimensions, listing meshes that work."""
+    n = len(devices)
+    shape = dict(shape or {"fsdp": -1})
+    sizes = [int(shape.get(a, 1)) for a in parallel.MESH_AXES]
+    hint = "valid meshes for this model on {} chips: {}".format(
+        n, "; ".join(_mesh_text(m) for m in valid_meshes(n, cfg)) or "none with data=context=1")
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise AotError(f"mesh {shape}: sizes must be positive (one may be -1); {hint}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n % known:
+            raise AotError(f"mesh {_mesh_text(shape)} does not divide the {n} chips of the topology; {hint}")
+        sizes[sizes.index(-1)] = n // known
+    if int(np.prod(sizes)) != n:
+        raise AotError(f"mesh {_mesh_text(dict(zip(parallel.MESH_AXES, sizes)))} has {int(np.prod(sizes))} devices, "
+                       f"the topology has {n}; {hint}")
+    resolved = dict(zip(parallel.MESH_AXES, sizes))
+    for axis, dims in mesh_constraints(cfg).items():
+        bad = [d for d in dims if d % resolved[axis]]
+        if bad:
+            raise AotError(f"mesh {_mesh_text(resolved)}: {axis}={resolved[axis]} does not divide the model "
+                           f"dimensions {bad}; {hint}")
+    try:
+        return parallel.make_mesh(resolved, devices=devices)
+    except NotImplementedError:
+        # jax's torus-aware placement covers only some shapes; otherwise let mesh axes split physical axes.
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(tuple(sizes), devices=devices, allow_split_physical_axes=True)
+        return Mesh(arr, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * len(parallel.MESH_AXES))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``"configs/x.py"`` or ``"configs/x.py:arg"`` -> ``get_config(arg)`` of that file."""
+    path, _, arg = str(spec).partition(":")
+    if not os.path.isfile(path):
+        raise AotError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_infstar_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AotError(f"config file {path!r} has no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """``["precision=infer", "schedule.duration=10"]`` (values parsed as JSON, else kept as strings)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AotError(f"override {item!r}: expected KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = config
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in node:
+                raise AotError(f"override {item!r}: config has no section {p!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise AotError(f"override {item!r}: config has no field {key!r}")
+        with config.unlocked() if hasattr(config, "unlocked") else _null():
+            node[parts[-1]] = parsed
+    return config
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Abstract inputs with shardings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _spec_for(mesh: Mesh, shape: Sequence[int], names: Sequence[str | None], rules) -> P:
+    """PartitionSpec of logical ``names``, dropping mesh axes that do not divide the dimension."""
+    spec = parallel.logical_to_spec(names, rules)
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            fixed.append(None)
+            continue
+        tup = (axes,) if isinstance(axes, str) else tuple(axes)
+        size = int(np.prod([mesh.shape[a] for a in tup]))
+        fixed.append(axes if dim % size == 0 else None)
+    return P(*fixed)
+
+
+def abstract(shape, dtype, mesh: Mesh, names: Sequence[str | None], rules) -> jax.ShapeDtypeStruct:
+    """A sharded abstract array (no allocation)."""
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, _spec_for(mesh, shape, names, rules)))
+
+
+@dataclasses.dataclass
+class Program:
+    """A function to lower and compile with abstract arguments."""
+
+    name: str
+    fn: Any  # a jax.jit-wrapped function
+    args: tuple
+    kwargs: dict
+    description: str
+    attention_flops: float = 0.0  # per chip, of the Pallas attention kernels (opaque to XLA's FLOP count)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Programs: train step and sampler steps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def attention_flops_per_chip(cfg, mesh: Mesh, rules, rows: int, pairs: int, passes: float) -> float:
+    """FLOPs per chip of the attention kernels: ``4 * head_dim * heads`` per visible (query, key) pair per layer and
+    forward pass, ``passes`` forward-equivalents (1 forward; 3 forward + backward; +1 when remat recomputes), split
+    over the batch and head shards the kernel actually runs on (see ``splash.shard_axes``)."""
+    from infstar_jax.transformer import splash
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batch_axes, head_axes = splash.shard_axes(rows, cfg.num_heads, cfg.num_kv_heads)
+
+    def size(axes):
+        if axes is None:
+            return 1
+        return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+    total = 4.0 * cfg.head_dim * cfg.num_heads * cfg.depth * pairs * rows * passes
+    return total / (size(batch_axes) * size(head_axes))
+
+
+def _model_cfg(config, precision: str | None = None):
+    cfg = config_lib.transformer_config(config)
+    return cfg.with_precision(precision) if precision else cfg
+
+
+def _schedule(config, training: bool) -> schedules.Schedule:
+    s = config.schedule
+    kw = {}
+    if "num_scales" in s:
+        kw["num_scales"] = int(s.num_scales)
+    return schedules.resolve(s.resolution, aspect=s.get("aspect"), duration=s.duration, training=training, **kw)
+
+
+def longest_kept(sched: schedules.Schedule) -> tuple[int, ...]:
+    """Kept scales of the longest sequence the trainer draws for ``sched``: the released var-len outcome with the
+    most tokens (SPEC §7.3), or every scale where the released outcomes do not apply (images, short pyramids)."""
+    try:
+        outcomes = schedules.var_len_outcomes(sched.num_clips, sched.scales_per_clip)
+    except ValueError:
+        return tuple(range(sched.num_scales))
+    return tuple(max(outcomes, key=lambda o: sum(int(np.prod(sched.scales[i])) for i in o)))
+
+
+def sample_programs(config, mesh: Mesh, *, prompts: int = 1, precision: str = "infer") -> list[Program]:
+    """The sampler's text step and its largest visual step (most query tokens; ties: most cached keys)."""
+    from infstar_jax.sampling import sampler as sampler_lib
+    from infstar_jax.tokenizer import multiscale
+    from infstar_jax.transformer.model import init_params
+
+    cfg = _model_cfg(config, precision)
+    rules = config_lib.mesh_rules(config)
+    sched = _schedule(config, training=False)
+    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))["params"])
+    params = parallel.abstract_sharded(boxed, mesh, rules)
+    b, rows, lt = prompts, 2 * prompts, cfg.text_maxlen
+    row_names = ("activation_batch", "activation_length")
+    text = abstract((b, lt, cfg.text_dim), jnp.float32, mesh, (*row_names, None), rules)
+    text_valid = abstract((b, lt), jnp.bool_, mesh, row_names, rules)
+    text_fn = sampler_lib._text_step
+    text_kv = jax.eval_shape(lambda p, t, v: text_fn(p, t, v, cfg=cfg), params, text, text_valid)
+
+    steps = sched.steps()
+    step = max(steps, key=lambda s: (s.tokens, s.ref_tokens))
+    plan = multiscale.Plan.from_schedule(sched.scales, sched.reps, sched.scales_per_clip, sched.detail_scale_min_tokens)
+    cum_shape = jax.eval_shape(lambda: multiscale.init_accumulator(plan, step.clip, b)).shape
+    lp = step.ref_tokens + lt
+    kv_names = ("layers", "activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+    kv_shape = (cfg.depth, rows, lp, cfg.num_kv_heads, cfg.head_dim)
+    referenced = {r for s in steps for r in s.ref_sids}
+    spec = sampler_lib._StepSpec(
+        shape=step.shape, bits=step.bits, head_detail=step.head_detail, zero_input=step.zero_input,
+        write_kv=step.last_rep and step.si in referenced, guidance=sampler_lib.GuidanceConfig(),
+        given_uniforms=False, record=False,
+    )
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+    args = (
+        params,
+        abstract(cum_shape, jnp.float32, mesh, ("activation_batch",), rules),
+        abstract((step.tokens, 4), jnp.int32, mesh, (), rules),
+        abstract(kv_shape, text_kv[0].dtype, mesh, kv_names, rules),
+        abstract(kv_shape, text_kv[1].dtype, mesh, kv_names, rules),
+        abstract((rows, lp), jnp.bool_, mesh, row_names, rules),
+        abstract((), jnp.float32, mesh, (), rules),
+        jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(mesh, P())),
+        abstract((), jnp.int32, mesh, (), rules),
+        abstract((), jnp.bool_, mesh, (), rules),
+        abstract((b, *step.shape, step.bits), jnp.uint8, mesh, ("activation_batch",), rules),
+    )
+    pt, ph, pw = step.shape
+    return [
+        Program("sample_text", text_fn, (params, text, text_valid), dict(cfg=cfg),
+                f"text step: {rows} rows x {lt} tokens",
+                attention_flops_per_chip(cfg, mesh, rules, rows, lt * lt, 1.0)),
+        Program("sample_largest", sampler_lib._visual_step, args, dict(cfg=cfg, spec=spec),
+                f"step {step.index} (scale {step.si} {pt}x{ph}x{pw}): {rows} rows x {step.tokens} queries, "
+                f"keys {step.tokens} + {step.ref_tokens} ref + {lt} text",
+                attention_flops_per_chip(cfg, mesh, rules, rows, step.tokens * (step.tokens + lp), 1.0)),
+    ]
+
+
+def train_programs(config, mesh: Mesh, *, batch: int | None = None, precision: str | None = None) -> list[Program]:
+    """One optimizer step at the longest packed sequence of the config's schedule, ``batch`` rows (default: one per
+    shard of the batch axes)."""
+    import optax
+
+    from infstar_jax.training import packing as packing_lib
+    from infstar_jax.transformer import loss as loss_lib
+    from infstar_jax.transformer.model import Transformer, init_params
+
+    cfg = _model_cfg(config, precision)
+    rules = config_lib.mesh_rules(config)
+    sched = _schedule(config, training=True)
+    kept = longest_kept(sched)
+    ex = packing_lib.ExampleSpec(tuple(tuple(s) for s in sched.scales), sched.scales_per_clip, tuple(sched.reps),
+                                 kept, cfg.text_maxlen, cfg.text_maxlen, sched.detail_scale_min_tokens)
+    packing = packing_lib.pack([ex])
+    batch_axes = parallel.logical_to_spec(("activation_batch",), rules)[0]
+    batch_axes = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
+    b = batch or int(np.prod([mesh.shape[a] for a in batch_axes]))
+    lv, lt, length = packing.visual_len, cfg.text_maxlen, packing.length
+
+    model = Transformer(cfg)
+    tx = optax.chain(optax.clip_by_global_norm(5.0), optax.adamw(4e-5, b1=0.9, b2=0.97, eps=1e-8, weight_decay=0.0))
+    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))["params"])
+    params = parallel.abstract_sharded(boxed, mesh, rules)
+    p_sh = jax.tree.map(lambda a: a.sharding, params)
+    opt = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, P())
+    o_sh = optax.tree_map_params(tx, lambda _, s: s, opt, p_sh, transform_non_params=lambda _: replicated)
+    opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, o_sh)
+
+    row = ("activation_batch", "activation_length")
+    data = dict(
+        visual=abstract((b, lv, cfg.latent_dim), jnp.float32, mesh, row, rules),
+        text=abstract((b, lt, cfg.text_dim), jnp.float32, mesh, row, rules),
+        positions=abstract((b, length, 4), jnp.int32, mesh, row, rules),
+        uncond_rows=abstract((b, lt), jnp.int32, mesh, row, rules),
+        key_valid=abstract((b, length), jnp.bool_, mesh, row, rules),
+        labels=abstract((b, lv, cfg.detail_bits), jnp.uint8, mesh, row, rules),
+    )
+    is_detail = packing.token_is_detail()
+    token_block = packing.token_block()
+    weights = packing.block_weights()
+
+    def loss_fn(p, d):
+        detail, semantic = model.apply({"params": p}, d["visual"], d["text"], d["positions"], packing.layout,
+                                       uncond_rows=d["uncond_rows"], key_valid=d["key_valid"])
+        tl, _ = loss_lib.token_loss_acc(detail, semantic, d["labels"], jnp.asarray(is_detail))
+        total, _ = loss_lib.scale_weighted(tl, jnp.asarray(token_block), jnp.asarray(weights))
+        return total.mean()
+
+    def step(state, d):
+        p, o = state
+        loss, grads = jax.value_and_grad(loss_fn)(p, d)
+        updates, o = tx.update(grads, o, p)
+        return (optax.apply_updates(p, updates), o), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    fn = jax.jit(step, in_shardings=((p_sh, o_sh), jax.tree.map(lambda a: a.sharding, data)),
+                 out_shardings=((p_sh, o_sh), replicated), donate_argnums=0)
+    layout = packing.layout
+    pairs = sum(n * sum(layout.lengths[j] for j in row) for n, row in zip(layout.lengths, layout.sees))
+    passes = 3.0 + (cfg.remat != "none")
+    return [Program("train_step", fn, ((params, opt), data), {},
+                    f"{b} rows x {length} tokens ({lv} visual, {len(kept)} of {sched.num_scales} scales), "
+                    f"{cfg.dtype} matmuls, remat={cfg.remat}",
+                    attention_flops_per_chip(cfg, mesh, rules, b, pairs, passes))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compile and report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    """Per-chip numbers of one compiled program (bytes unless named otherwise)."""
+
+    program: str
+    description: str
+    topology: str
+    mesh: str
+    hbm: int
+    compile_seconds: float
+    fits: bool
+    argument: int | None = None
+    output: int | None = None
+    alias: int | None = None
+    temp: int | None = None
+    code: int | None = None
+    total: int | None = None
+    flops: float | None = None
+    matmul_flops: float | None = None
+    attention_flops: float | None = None
+    collectives: dict = dataclasses.field(default_factory=dict)
+    unknown_loops: int = 0
+    error: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        if self.error and self.total is None:
+            return "does not compile: " + self.error.splitlines()[0][:200]
+        margin = self.hbm - self.total
+        if self.fits:
+            return f"fits ({_size(margin)} free)"
+        return f"does not fit: over by {_size(-margin)}"
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["verdict"] = self.verdict
+        return d
+
+
+def _size(n: int | float | None) -> str:
+    """Bytes as GiB (>= 1 GiB) or MiB."""
+    if n is None:
+        return "-"
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 1024**2:.1f} MiB"
+
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5, "s2": 0.25, "u2": 0.25,
+    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3": 1, "f8e3m4": 1,
+    "f4e2m1fn": 0.5, "f8e8m0fnu": 1, "token": 0,
+}
+_ARRAY_RE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$")
+_COMP_RE = re.compile(r"^\s*(ENTRY\s+)?%?([^\s(]+)\s*\(.*->.*\{\s*$")
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    type_text: str
+    opcode: str
+    call: str  # from the opcode to the end of the line
+
+
+def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY_RE.findall(type_text)
+            if dt in _DTYPE_BYTES]
+
+
+def _type_bytes(type_text: str) -> int:
+    return int(sum(_DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in _arrays(type_text)))
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+    """``"(f32[2], s32[]) tuple(...)"`` -> (type text, remainder starting at the opcode)."""
+    rest = rest.strip()
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return rest[: i + 1], rest[i + 1:].strip()
+    head, _, tail = rest.partition(" ")
+    return head, tail.strip()
+
+
+def _operands(call: str) -> list[str]:
+    """Names of the operands in ``opcode(%a, %b, ...), attrs``."""
+    start = call.find("(")
+    if start < 0:
+        return []
+    depth, end = 0, len(call)
+    for i in range(start, len(call)):
+        depth += call[i] in "({["
+        depth -= call[i] in ")}]"
+        if depth == 0:
+            end = i
+            break
+    return re.findall(r"%([^\s,()]+)", call[start + 1: end])
+
+
+class HloModule:
+    """Just enough of a parser of compiled HLO text to count collectives and matmul FLOPs per execution.
+
+    Scheduled TPU HLO keeps the scanned layers as ``while`` loops whose bodies the XLA cost analysis counts once;
+    here every computation gets its execution count (loop bodies times their trip count, read from the loop
+    condition's bound and the counter's initial constant).
+    """
+
+    def __init__(self, text: str):
+        self.comps: dict[str, list[_Instr]] = {}
+        self.types: dict[str, str] = {}
+        self.entry = None
+        current = None
+        for line in text.splitlines():
+            m = _COMP_RE.match(line)
+            if m and "=" not in line.split("(", 1)[0]:
+                current = m.group(2)
+                self.comps[current] = []
+                if m.group(1):
+                    self.entry = current
+                continue
+            if current is None:
+                continue
+            if line.strip() == "}":
+                current = None
+                continue
+            im = _INSTR_RE.match(line)
+            if not im:
+                continue
+            type_text, call = _split_type(im.group(2))
+            instr = _Instr(im.group(1), type_text, call.split("(", 1)[0].strip(), call)
+            self.types[instr.name] = type_text
+            self.comps[current].append(instr)
+        self.unknown_trip_counts = 0
+        self.times = self._multiplicity()
+
+    def _constant(self, comp: str, name: str) -> int | None:
+        for ins in self.comps.get(comp, []):
+            if ins.name == name and ins.opcode == "constant":
+                m = re.match(r"constant\((-?\d+)\)", ins.call)
+                return int(m.group(1)) if m else None
+        return None
+
+    def _trip_count(self, caller: str, ins: _Instr) -> int | None:
+        cond = re.search(r"condition=%?([^\s,}]+)", ins.call)
+        if not cond or cond.group(1) not in self.comps:
+            return None
+        cname = cond.group(1)
+        body = self.comps[cname]
+        root = next((i for i in reversed(body) if i.opcode == "compare"), None)
+        if root is None:
+            return None
+        direction = re.search(r"direction=(\w+)", root.call)
+        ops = _operands(root.call)
+        if len(ops) != 2 or not direction:
+            return None
+        consts = [self._constant(cname, o) for o in ops]
+        if consts[1] is None or consts[0] is not None:
+            return None
+        gte = next((i for i in body if i.name == ops[0] and i.opcode == "get-tuple-element"), None)
+        index = int(re.search(r"index=(\d+)", gte.call).group(1)) if gte else 0
+        init = _operands(ins.call)
+        start = 0
+        if init:
+            tup = next((i for i in self.comps[caller] if i.name == init[0] and i.opcode == "tuple"), None)
+            elems = _operands(tup.call) if tup else []
+            if index < len(elems):
+                start = self._constant(caller, elems[index]) or 0
+        bound = consts[1]
+        n = {"LT": bound - start, "LE": bound - start + 1, "NE": bound - start}.get(direction.group(1))
+        return n if n is not None and n >= 0 else None
+
+    def _multiplicity(self) -> dict[str, float]:
+        times: dict[str, float] = {}
+        if self.entry is None:
+            return times
+
+        def visit(comp: str, n: float, depth: int):
+            if comp not in self.comps or depth > 100:
+                return
+            times[comp] = times.get(comp, 0.0) + n
+            for ins in self.comps[comp]:
+                if ins.opcode == "while":
+                    trips = self._trip_count(comp, ins)
+                    if trips is None:
+                        self.unknown_trip_counts += 1
+                        trips = 1
+                    body = re.search(r"body=%?([^\s,}]+)", ins.call)
+                    if body:
+                        visit(body.group(1), n * trips, depth + 1)
+                    continue
+                for attr in ("calls", "branch_computations", "async_computation"):
+                    for m in re.finditer(attr + r"=(\{[^}]*\}|%?[^\s,}]+)", ins.call):
+                        for callee in re.findall(r"%?([^\s,{}]+)", m.group(1)):
+                            visit(callee, n, depth + 1)
+
+        visit(self.entry, 1.0, 0)
+        return times
+
+    def instructions(self):
+        """(instruction, executions) over every computation that runs."""
+        for comp, instrs in self.comps.items():
+            n = self.times.get(comp, 0.0)
+            if n:
+                for ins in instrs:
+                    yield ins, n
+
+    def collectives(self) -> dict[str, dict[str, float]]:
+        """``{kind: {"count": executions, "bytes": operand bytes}}`` per module execution (per device)."""
+        out: dict[str, dict[str, float]] = {}
+        for ins, n in self.instructions():
+            kind = ins.opcode[: -len("-start")] if ins.opcode.endswith("-start") else ins.opcode
+            if kind not in COLLECTIVES:
+                continue
+            nbytes = sum(_type_bytes(self.types.get(o, "")) for o in _operands(ins.call))
+            slot = out.setdefault(kind, {"count": 0.0, "bytes": 0.0})
+            slot["count"] += n
+            slot["bytes"] += n * nbytes
+        return out
+
+    def matmul_flops(self) -> float:
+        """2 x output elements x contraction size of every ``dot`` and ``convolution``, times its executions."""
+        total = 0.0
+        for ins, n in self.instructions():
+            if ins.opcode not in ("dot", "convolution"):
+                continue
+            out = _arrays(ins.type_text)
+            ops = _operands(ins.call)
+            if not out or len(ops) < 2:
+                continue
+            out_elems = math.prod(out[0][1])
+            if ins.opcode == "dot":
+                lhs = _arrays(self.types.get(ops[0], ""))
+                cdims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.call)
+                if not lhs or not cdims:
+                    continue
+                k = math.prod(lhs[0][1][int(d)] for d in cdims.group(1).split(",") if d)
+            else:
+                rhs = _arrays(self.types.get(ops[1], ""))
+                labels = re.search(r"dim_labels=[^_]+_([^-]+)->", ins.call)
+                if not rhs or not labels or len(labels.group(1)) != len(rhs[0][1]):
+                    continue
+                k = math.prod(size for lab, size in zip(labels.group(1), rhs[0][1]) if lab != "o")
+            total += n * 2.0 * out_elems * k
+        return total
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Bytes entering each kind of collective in one execution of the (per-device) compiled module.
+
+    Counts every ``all-gather``/``reduce-scatter``/``all-reduce``/``all-to-all``/``collective-permute`` (and their
+    async ``-start`` forms) by operand bytes, multiplied by how often its computation runs (scanned layers included).
+
+    Returns: ``{kind: {"count": executions, "bytes": operand bytes}}``.
+    """
+    return HloModule(hlo_text).collectives()
+
+
+_OOM_RE = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _oom_total(message: str) -> int | None:
+    m = _OOM_RE.search(message)
+    return None if not m else int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def compile_program(program: Program, mesh: Mesh, topology: Topology, rules) -> tuple[Any, Report]:
+    """Lowers and compiles ``program`` under ``mesh``; returns (compiled or None, report)."""
+    mesh_text = _mesh_text(dict(mesh.shape))
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            lowered = program.fn.lower(*program.args, **program.kwargs)
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - a compile failure is a verdict, not a crash
+        msg = str(e)
+        total = _oom_total(msg)
+        report = Report(program.name, program.description, topology.name, mesh_text, topology.hbm_bytes,
+                        time.perf_counter() - t0, fits=False, total=total, error=msg)
+        return None, report
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    arg, out, alias, temp = (int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
+                             int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes))
+    code = int(mem.generated_code_size_in_bytes)
+    total = arg + out - alias + temp + code
+    hlo = HloModule(compiled.as_text())
+    matmul = hlo.matmul_flops()
+    report = Report(
+        program.name, program.description, topology.name, mesh_text, topology.hbm_bytes, seconds,
+        fits=total <= topology.hbm_bytes, argument=arg, output=out, alias=alias, temp=temp, code=code, total=total,
+        flops=matmul + program.attention_flops, matmul_flops=matmul, attention_flops=program.attention_flops,
+        collectives=hlo.collectives(), unknown_loops=hlo.unknown_trip_counts,
+    )
+    return compiled, report
+
+
+def format_table(reports: Sequence[Report]) -> str:
+    """Markdown table, one row per program (sizes and FLOPs per chip)."""
+    head = ("| program | topology | mesh | argument | output | temp | total / chip | HBM / chip | verdict | "
+            "TFLOP / chip | collectives (bytes in) | compile |")
+    lines = [head, "|" + "---|" * 12]
+    for r in reports:
+        coll = ", ".join(f"{k} {_size(v['bytes'])}" for k, v in sorted(r.collectives.items())) or "none"
+        flops = "-" if r.flops is None else f"{r.flops / 1e12:.3g}"
+        lines.append(
+            f"| {r.program} | {r.topology} | {r.mesh} | {_size(r.argument)} | {_size(r.output)} | {_size(r.temp)} | "
+            f"{_size(r.total)} | {_size(r.hbm)} | {r.verdict} | {flops} | {coll} | {r.compile_seconds:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def run(config, topology: str, *, mesh: str | Mapping[str, int] | None = None, what: str = "all",
+        batch: int | None = None, prompts: int = 1, precision: str | None = None,
+        sample_precision: str = "infer", out: str | None = None) -> list[Report]:
+    """Compiles the requested programs for ``topology``; returns their reports (and writes ``out`` if given)."""
+    if what not in ("train", "sample", "all"):
+        raise AotError(f"--what {what!r}: expected train, sample or all")
+    topo = parse_topology(topology)
+    devices = topology_devices(topo)
+    cfg = _model_cfg(config)
+    mesh_shape = parse_mesh(mesh) if isinstance(mesh, (str, type(None))) else dict(mesh)
+    if mesh_shape is None:
+        mesh_shape = dict(config.mesh.shape)
+    the_mesh = build_mesh(devices, mesh_shape, cfg)
+    rules = config_lib.mesh_rules(config)
+    programs: list[Program] = []
+    if what in ("train", "all"):
+        programs += train_programs(config, the_mesh, batch=batch, precision=precision)
+    if what in ("sample", "all"):
+        programs += sample_programs(config, the_mesh, prompts=prompts, precision=sample_precision)
+    reports, executables = [], {}
+    for program in programs:
+        log.info("compiling %s for %s (%s)", program.name, topo.name, program.description)
+        compiled, report = compile_program(program, the_mesh, topo, rules)
+        reports.append(report)
+        if compiled is not None and out:
+            executables[program.name] = serialize(compiled, report)
+    if out:
+        with open(out, "wb") as f:
+            pickle.dump({"topology": topo.name, "mesh": _mesh_text(dict(the_mesh.shape)), "programs": executables}, f)
+    return reports
+
+
+def serialize(compiled, report: Report) -> dict:
+    """A compiled program as bytes plus the pytree structure of its inputs/outputs (``load_executables``)."""
+    from jax.experimental.serialize_executable import serialize as _serialize
+
+    payload, in_tree, out_tree = _serialize(compiled)
+    return {"executable": payload, "in_tree": in_tree, "out_tree": out_tree, "report": report.to_json()}
+
+
+def load_executables(path: str, backend=None) -> dict[str, Callable]:
+    """Loads the executables written by ``--out`` onto the current TPU backend: ``{program: callable}``."""
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    return {name: deserialize_and_load(p["executable"], p["in_tree"], p["out_tree"], backend=backend)
+            for name, p in saved["programs"].items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infstar_jax.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="config file, optionally :arg (configs/infinity_qwen8b.py:720p)")
+    parser.add_argument("--topology", required=True, help="TPU topology (v5p:4x4x2) or slice name (v5p-64)")
+    parser.add_argument("--mesh", default=None, help="mesh sizes, e.g. fsdp=16,tensor=4 (default: the config's)")
+    parser.add_argument("--what", default="all", choices=("train", "sample", "all"))
+    parser.add_argument("--batch", type=int, default=None, help="train rows (default: one per batch shard)")
+    parser.add_argument("--prompts", type=int, default=1, help="sampler prompts (2 rows each)")
+    parser.add_argument("--precision", default=None, help="train precision mode (default: the config's)")
+    parser.add_argument("--sample-precision", default="infer", help="sampler precision mode (default: infer)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--out", default=None, help="write the serialized executables to this file")
+    parser.add_argument("--json", default=None, help="write the reports as JSON to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = apply_overrides(load_config(args.config), args.set)
+        reports = run(config, args.topology, mesh=args.mesh, what=args.what, batch=args.batch, prompts=args.prompts,
+                      precision=args.precision, sample_precision=args.sample_precision, out=args.out)
+    except AotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(reports))
+    for r in reports:
+        print(f"{r.program}: {r.description}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_json() for r in reports], f, indent=1)
+    return 0 if all(r.fits for r in reports) else EXIT_DOES_NOT_FIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
