@@ -72,8 +72,10 @@ class Linear(nn.Module):
             self.param_dtype,
         )
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        # bf16 x bf16 -> bf16 still accumulates in fp32 on GPU/TPU; asking for the bf16 result directly lets the
+        # GEMM write it (no fp32 intermediate of the whole activation in HBM).
         y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())), preferred_element_type=F32
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())), preferred_element_type=self.dtype
         )
         if self.use_bias:
             bias = self.param(
@@ -82,8 +84,8 @@ class Linear(nn.Module):
                 self.out_shape,
                 self.param_dtype,
             )
-            y = y + bias.astype(F32)
-        return y.astype(self.dtype)
+            y = (y.astype(F32) + bias.astype(F32)).astype(self.dtype)
+        return y
 
 
 class Attention(nn.Module):
