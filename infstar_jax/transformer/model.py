@@ -190,7 +190,8 @@ class Transformer(nn.Module):
         self.word_embed = Linear((cfg.latent_dim,), (cfg.embed_dim,), (None, "embed"), dtype=rdt, use_bias=True)
         block = Block
         if cfg.remat != "none":
-            block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=False)
+            # `layout` (4th argument after self) is static Python data.
+            block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=False, static_argnums=(4,))
         self.blocks = nn.scan(
             block,
             variable_axes={"params": 0, "intermediates": 0},

@@ -1,0 +1,76 @@
+"""Transformer module properties: logical axis names, remat policies, precision modes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infstar_jax.training.packing import ExampleSpec, pack
+from infstar_jax.transformer import loss as loss_lib
+from infstar_jax.transformer.config import PRECISION_MODES, REMAT_POLICIES, TransformerConfig
+from infstar_jax.transformer.model import Transformer, init_params
+
+pytestmark = pytest.mark.transformer
+
+CFG = TransformerConfig(depth=2, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128, text_dim=24,
+                        text_maxlen=16)
+
+
+def inputs(seed=0):
+    ex = ExampleSpec(((1, 1, 1), (1, 2, 2), (2, 1, 1), (2, 2, 2)), 2, (2,) * 4, (0, 1, 2, 3), 5, 5, 3)
+    packing = pack([ex], pad_to_multiple=8)
+    rng = np.random.default_rng(seed)
+    return packing, dict(
+        visual=jnp.asarray(rng.normal(size=(1, packing.visual_len, 64)), jnp.float32),
+        text=jnp.asarray(rng.normal(size=(1, 5, CFG.text_dim)), jnp.float32),
+        positions=jnp.asarray(packing.positions([[0, 1, 0, 1]]))[None],
+        labels=jnp.asarray(rng.integers(0, 2, size=(1, packing.visual_len, 64))),
+    )
+
+
+def loss_of(cfg, params, packing, x):
+    d, s = Transformer(cfg).apply({"params": params}, x["visual"], x["text"], x["positions"], packing.layout)
+    tl, _ = loss_lib.token_loss_acc(d, s, x["labels"], jnp.asarray(packing.token_is_detail()))
+    return loss_lib.scale_weighted(tl, jnp.asarray(packing.token_block()), jnp.asarray(packing.block_weights()))[0][0]
+
+
+def test_every_param_has_logical_axis_names():
+    boxed = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0))["params"])
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == len(leaf.value.shape)
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs["blocks"]["attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["blocks"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
+
+
+@pytest.mark.parametrize("policy", [p if p in ("full", "attn_out") else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in REMAT_POLICIES if p != "none"])
+def test_remat_policies_give_identical_gradients(policy):
+    packing, x = inputs()
+    params = nn.unbox(init_params(CFG, jax.random.key(1))["params"])
+    g0 = jax.jit(jax.grad(lambda p: loss_of(CFG, p, packing, x)))(params)
+    cfg = CFG.replace(remat=policy)
+    g1 = jax.jit(jax.grad(lambda p: loss_of(cfg, p, packing, x)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g1, g0)
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_precision_modes(mode):
+    """bf16 modes keep the reference's dtypes (fp32 heads/embeddings params, bf16 blocks in infer) and stay close."""
+    packing, x = inputs()
+    params = nn.unbox(init_params(CFG, jax.random.key(2))["params"])
+    cfg = CFG.with_precision(mode)
+    assert cfg.dtype == "bfloat16" and cfg.residual_dtype == PRECISION_MODES[mode]["residual_dtype"]
+    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))["params"])
+    unboxed = nn.unbox(boxed)
+    assert unboxed["blocks"]["mlp"]["up_proj"]["kernel"].dtype == jnp.dtype(PRECISION_MODES[mode]["block_param_dtype"])
+    assert unboxed["head"]["kernel"].dtype == jnp.float32 and unboxed["word_embed"]["kernel"].dtype == jnp.float32
+    cast = dict(params, blocks=jax.tree.map(lambda a: a.astype(cfg.jnp_block_param_dtype), params["blocks"]))
+    d32, _ = Transformer(CFG).apply({"params": params}, x["visual"], x["text"], x["positions"], packing.layout)
+    d16, _ = Transformer(cfg).apply({"params": cast}, x["visual"], x["text"], x["positions"], packing.layout)
+    assert d16.dtype == jnp.float32  # heads are fp32 in every mode
+    err = np.abs(np.asarray(d16) - np.asarray(d32)).max() / np.abs(np.asarray(d32)).max()
+    assert 0 < err < 0.05
