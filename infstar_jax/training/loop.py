@@ -225,7 +225,7 @@ def _train(config, workdir, task, manager, state, iterator, preemption, main) ->
             bar.update(1)
             preempted = preemption.reached(manager, step)
             if step % log_every == 0 or step == total or preempted:
-                summary = _flush(task, pending, window, timing, t_mark, peak, iterator, step)
+                summary = _flush(task, pending, window, timing, t_mark, peak, iterator)
                 pending, window = [], metrics_lib.WindowMean()
                 timing = dict(steps=0, time=0.0, wait=0.0, tokens=0, flops=0.0, compile=0.0)
                 t_mark = time.perf_counter()
@@ -254,7 +254,7 @@ def _train(config, workdir, task, manager, state, iterator, preemption, main) ->
     return summary
 
 
-def _flush(task, pending, window, timing, t_mark, peak, iterator, step) -> dict[str, Any]:
+def _flush(task, pending, window, timing, t_mark, peak, iterator) -> dict[str, Any]:
     """Fetches the window's device metrics (this waits for its steps), returns the window summary."""
     host = jax.device_get([m for _, m in pending])
     for (batch, _), m in zip(pending, host):
@@ -274,5 +274,4 @@ def _flush(task, pending, window, timing, t_mark, peak, iterator, step) -> dict[
     skipped = getattr(iterator, "skipped", None)
     if skipped is not None:
         out.update({k: float(v) for k, v in skipped.metrics().items()})
-    out["step"] = step
     return out

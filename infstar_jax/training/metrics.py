@@ -174,7 +174,8 @@ class MetricWriter:
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.active:
             return
-        clean = {k: (float(v) if isinstance(v, (int, float, np.number)) else v) for k, v in metrics.items()}
+        clean = {k: (float(v) if isinstance(v, (int, float, np.number)) else v) for k, v in metrics.items()
+                 if k != "step"}
         self._jsonl.write(json.dumps({"step": int(step), **clean}, allow_nan=True) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
