@@ -58,14 +58,11 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grain
 import numpy as np
 from etils import epath
 
 from infstar_jax import schedules
-from infstar_jax.data import cache as cache_mod
 from infstar_jax.data import metadata as md
-from infstar_jax.data import pipeline as pl
 from infstar_jax.tokenizer import multiscale
 from infstar_jax.training import packing as packing_lib
 
@@ -436,7 +433,7 @@ def index_entry(meta: Mapping[str, Any], rule: md.DurationRule, options: Packing
     return IndexEntry(meta["key"], float(meta["template"]), int(pt), int(shape[1]), int(shape[2]), text_len), None
 
 
-def build_index(cache: cache_mod.TokenCache, rule: md.DurationRule, options: PackingOptions, *,
+def build_index(cache, rule: md.DurationRule, options: PackingOptions, *,
                 threads: int = 16, progress: bool = False) -> DataIndex:
     """Reads every entry's metadata (in threads) and keeps the usable ones; checks the cache's latent and text
     widths against the model (a mismatch is a configuration error, not a bad sample)."""
@@ -529,8 +526,12 @@ class HostBatch:
 class BatchLoader:
     """Batch number -> ``HostBatch`` (called from grain's reader threads)."""
 
-    def __init__(self, cache: cache_mod.TokenCache, index: DataIndex, plan: BatchPlan, options: PackingOptions,
+    def __init__(self, cache, index: DataIndex, plan: BatchPlan, options: PackingOptions,
                  rule: md.DurationRule, seed: int, process_index: int, process_count: int):
+        from infstar_jax.data import cache as cache_mod
+        from infstar_jax.data import pipeline as pl
+
+        self._pl = pl
         if plan.global_batch % process_count:
             raise ValueError(f"global batch {plan.global_batch} is not divisible by {process_count} processes")
         self.index, self.plan, self.options, self.seed = index, plan, options, int(seed)
@@ -553,6 +554,7 @@ class BatchLoader:
         return step_shape(self.options, sched, outs[k], slot, self.plan.global_batch)
 
     def __call__(self, i: int) -> HostBatch:
+        pl = self._pl
         ids = self.plan[i]
         shape = self.shape_of(i, ids)
         lo = self.process_index * self.local
@@ -578,26 +580,33 @@ class BatchLoader:
         return HostBatch(i, shape, stack_rows(rows), keys, skipped, text_lens)
 
 
-class BatchIterator(grain.DatasetIterator):
-    """Iterator of ``HostBatch``es with a JSON state (next batch number + skip counts, counted when a batch is
-    consumed, so prefetching never counts ahead of the saved state)."""
+@functools.cache
+def _iterator_class():
+    # grain is imported on first use only: the step and the benchmark need none of the data stack.
+    import grain
 
-    def __init__(self, parent: grain.DatasetIterator, skipped: pl.SkipCounter):
-        super().__init__(parent)
-        self.skipped = skipped
+    class BatchIterator(grain.DatasetIterator):
+        """Iterator of ``HostBatch``es with a JSON state (next batch number + skip counts, counted when a batch is
+        consumed, so prefetching never counts ahead of the saved state)."""
 
-    def __next__(self) -> HostBatch:
-        batch = next(self._parent)
-        for reason in batch.skipped:
-            self.skipped.add(reason)
-        return batch
+        def __init__(self, parent, skipped):
+            super().__init__(parent)
+            self.skipped = skipped
 
-    def get_state(self) -> dict:
-        return {"parent": self._parent.get_state(), "skipped": self.skipped.counts()}
+        def __next__(self) -> HostBatch:
+            batch = next(self._parent)
+            for reason in batch.skipped:
+                self.skipped.add(reason)
+            return batch
 
-    def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self.skipped.restore(state["skipped"])
+        def get_state(self) -> dict:
+            return {"parent": self._parent.get_state(), "skipped": self.skipped.counts()}
+
+        def set_state(self, state: dict) -> None:
+            self._parent.set_state(state["parent"])
+            self.skipped.restore(state["skipped"])
+
+    return BatchIterator
 
 
 @dataclasses.dataclass
@@ -610,10 +619,15 @@ class BatchSource:
     num_threads: int = 2
     prefetch: int = 2
 
-    def iterator(self) -> BatchIterator:
+    def iterator(self):
+        """A checkpointable ``grain.DatasetIterator`` of ``HostBatch``es from batch 0, with a ``skipped`` counter."""
+        import grain
+
+        from infstar_jax.data import pipeline as pl
+
         ds = grain.MapDataset.range(10**15).map(self.loader)
         read = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
-        return BatchIterator(iter(ds.to_iter_dataset(read)), pl.SkipCounter(self.index.dropped))
+        return _iterator_class()(iter(ds.to_iter_dataset(read)), pl.SkipCounter(self.index.dropped))
 
 
 def possible_shapes(index: DataIndex, options: PackingOptions, global_batch: int) -> list[StepShape]:
@@ -633,6 +647,8 @@ def batch_source(cache_root: str, options: PackingOptions, rule: md.DurationRule
                  process_index: int = 0, process_count: int = 1, progress: bool = False) -> BatchSource:
     """A ``BatchSource`` over a token cache; the data index is read from ``index_path`` if it exists, else built
     from the cache and written there."""
+    from infstar_jax.data import cache as cache_mod
+
     cache = cache_mod.TokenCache(cache_root)
     if index_path and epath.Path(index_path).exists():
         index = DataIndex.load(index_path)
