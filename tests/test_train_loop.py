@@ -271,3 +271,16 @@ def test_sigterm_saves_and_exits(sub_root):
     assert 2 <= stopped < 500
     assert _latest_checkpoint(workdir) == stopped  # saved at the step it stopped, not at an interval
     assert not (workdir / "export").exists()  # an interrupted run does not export
+
+
+def test_cli_completes_presets_without_training_sections(tmp_path):
+    """configs/tiny.py names no train/data sections; their keys can still be overridden on the command line."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "infstar_jax.train", "--config", "configs/tiny.py", "--workdir",
+                           str(tmp_path / "run"), "--config.train.steps=3", "--config.data.text_buckets=(8,16)"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "data.cache is empty" in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "infstar_jax.train", "--config", "configs/missing.py", "--workdir",
+                           str(tmp_path / "run")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "configs/missing.py' does not exist" in proc.stderr
