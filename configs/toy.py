@@ -36,9 +36,9 @@ def get_config(arg: str | None = None):
                                             max_length=64))
     add_training_config(c, "transformer")
     c.seed = 0
-    c.train.update(dict(steps=1500, batch_size=8, lr=1e-3, lr_schedule="cosine", warmup_steps=100,
+    c.train.update(dict(steps=600, batch_size=8, lr=1e-3, lr_schedule="cosine", warmup_steps=50,
                         end_lr_ratio=0.1, var_len=False, pad_to_multiple=16))
     c.data.update(dict(text_buckets=(16, 32, 64), video_frames=17, num_threads=2, prefetch=4))
-    c.checkpoint.update(dict(every_steps=250, max_to_keep=2))
+    c.checkpoint.update(dict(every_steps=200, max_to_keep=2))
     c.log.update(dict(every_steps=25))
     return c

@@ -341,6 +341,9 @@ def test_outcome_frequencies_text_buckets_and_possible_shapes(tmp_path):
     np.testing.assert_allclose(counts / counts.sum(), [0.6, 0.3, 0.1], atol=0.04)
     possible = set(batching.possible_shapes(index, opts, 2))
     assert seen <= possible and len(possible) == 3 * 2 + 1
+    wrong = batching.DataIndex([dataclasses.replace(index.entries[0], h=4, w=4)], {})
+    with pytest.raises(ValueError, match="another pixel level"):
+        batching.possible_shapes(wrong, opts, 2)
     assert batching.text_bucket(8, (8, 16)) == 8 and batching.text_bucket(9, (8, 16)) == 16
     with pytest.raises(ValueError, match="largest text bucket"):
         batching.text_bucket(17, (8, 16))

@@ -193,6 +193,16 @@ def outcomes(options: PackingOptions, sched: schedules.Schedule) -> tuple[tuple[
     return tuple(outs), options.probabilities(len(outs))
 
 
+def entry_schedule(options: PackingOptions, entry: "IndexEntry") -> schedules.Schedule:
+    """The schedule of a cache entry's shape group; its last scale must be the cached latent's size."""
+    sched = resolve_schedule(options, entry.template, entry.pt)
+    if tuple(sched.scales[-1][1:]) != (entry.h, entry.w):
+        raise ValueError(f"cached latents of {entry.h}x{entry.w} (template {entry.template}, entry {entry.key}) do not "
+                         f"match the schedule's last scale {sched.scales[-1]} for resolution={options.resolution}, "
+                         f"num_scales={options.num_scales}; the cache was filled at another pixel level")
+    return sched
+
+
 def text_bucket(length: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if length <= b:
@@ -542,12 +552,7 @@ class BatchLoader:
 
     def shape_of(self, i: int, ids: Sequence[int]) -> StepShape:
         real = [self.index.entries[j] for j in ids if j != PLACEHOLDER]
-        e0 = real[0]
-        sched = resolve_schedule(self.options, e0.template, e0.pt)
-        if tuple(sched.scales[-1][1:]) != (e0.h, e0.w):
-            raise ValueError(f"cached latents of {e0.h}x{e0.w} (template {e0.template}, entry {e0.key}) do not match "
-                             f"the schedule's last scale {sched.scales[-1]} for resolution={self.options.resolution}, "
-                             f"num_scales={self.options.num_scales}; the cache was filled at another pixel level")
+        sched = entry_schedule(self.options, real[0])
         outs, probs = outcomes(self.options, sched)
         k = int(np.random.default_rng([self.seed, 1, i]).choice(len(outs), p=probs)) if len(outs) > 1 else 0
         slot = text_bucket(max(e.text_len for e in real), self.options.text_buckets)
@@ -634,8 +639,7 @@ def possible_shapes(index: DataIndex, options: PackingOptions, global_batch: int
     """Every step shape the data can produce (see the module docstring): the compiled step variants."""
     out = []
     for members in index.groups().values():
-        e0 = index.entries[members[0]]
-        sched = resolve_schedule(options, e0.template, e0.pt)
+        sched = entry_schedule(options, index.entries[members[0]])
         outs, _ = outcomes(options, sched)
         slots = sorted({text_bucket(index.entries[j].text_len, options.text_buckets) for j in members})
         out.extend(step_shape(options, sched, kept, slot, global_batch) for kept in outs for slot in slots)
