@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # orbax renamed load_pytree -> load and pytree_metadata -> metadata (0.12.8 warns on the old names; older releases
 # only have the old ones).
 _load = getattr(ocp, "load", None) or ocp.load_pytree
+_save = getattr(ocp, "save", None) or ocp.save_pytree
 _metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata
 
 META_FILE = "infstar.json"
@@ -121,18 +122,32 @@ def save_params_streaming(
 
 
 def save_params(out_dir: str | os.PathLike, params: Any, meta: Mapping[str, Any], *, overwrite: bool = False) -> Path:
-    """Writes a whole param tree (already in memory or on devices) plus metadata, atomically."""
+    """Writes a whole param tree (already in memory or on devices, possibly sharded across processes) plus metadata,
+    atomically. Every process of a multi-host job calls it; process 0 publishes."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(out_dir)
-    tmp.mkdir()
+    multi = jax.process_count() > 1
+    # All processes of a job must write into the same temporary folder.
+    tmp = out_dir.parent / f".{out_dir.name}.tmp" if multi else _tmp_sibling(out_dir)
+    if jax.process_index() == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if multi:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if multi:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"infstar save_params {out_dir} start")
     try:
-        ocp.save_pytree(tmp / PARAMS_DIR, params)
-        (tmp / META_FILE).write_text(json.dumps(dict(meta), indent=1, sort_keys=True))
-        _publish(tmp, out_dir, overwrite)
+        _save(tmp / PARAMS_DIR, params)
+        if jax.process_index() == 0:
+            (tmp / META_FILE).write_text(json.dumps(dict(meta), indent=1, sort_keys=True))
+            _publish(tmp, out_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if multi:
+        multihost_utils.sync_global_devices(f"infstar save_params {out_dir} done")
     return out_dir
 
 
