@@ -625,41 +625,59 @@ class HloModule:
         self.unknown_trip_counts = 0
         self.times = self._multiplicity()
 
-    def _constant(self, comp: str, name: str) -> int | None:
-        for ins in self.comps.get(comp, []):
-            if ins.name == name and ins.opcode == "constant":
-                m = re.match(r"constant\((-?\d+)\)", ins.call)
-                return int(m.group(1)) if m else None
+    def _constant(self, comp: str, name: str, depth: int = 0) -> int | None:
+        """Integer value of ``name`` in ``comp`` if it is a constant (looking through copies and conversions)."""
+        ins = next((i for i in self.comps.get(comp, []) if i.name == name), None)
+        if ins is None or depth > 8:
+            return None
+        if ins.opcode == "constant":
+            m = re.match(r"constant\((-?\d+)\)", ins.call)
+            return int(m.group(1)) if m else None
+        if ins.opcode in ("copy", "convert", "bitcast", "reshape"):
+            ops = _operands(ins.call)
+            return self._constant(comp, ops[0], depth + 1) if ops else None
         return None
 
     def _trip_count(self, caller: str, ins: _Instr) -> int | None:
+        """Trip count of a counted ``while``: condition ``counter <op> bound``, body ``counter + step``."""
         cond = re.search(r"condition=%?([^\s,}]+)", ins.call)
-        if not cond or cond.group(1) not in self.comps:
+        body = re.search(r"body=%?([^\s,}]+)", ins.call)
+        if not cond or cond.group(1) not in self.comps or not body or body.group(1) not in self.comps:
             return None
-        cname = cond.group(1)
-        body = self.comps[cname]
-        root = next((i for i in reversed(body) if i.opcode == "compare"), None)
-        if root is None:
+        cname, bname = cond.group(1), body.group(1)
+        compare = next((i for i in reversed(self.comps[cname]) if i.opcode == "compare"), None)
+        if compare is None:
             return None
-        direction = re.search(r"direction=(\w+)", root.call)
-        ops = _operands(root.call)
+        direction = re.search(r"direction=(\w+)", compare.call)
+        ops = _operands(compare.call)
         if len(ops) != 2 or not direction:
             return None
-        consts = [self._constant(cname, o) for o in ops]
-        if consts[1] is None or consts[0] is not None:
+        bound = self._constant(cname, ops[1])
+        gte = next((i for i in self.comps[cname] if i.name == ops[0] and i.opcode == "get-tuple-element"), None)
+        if bound is None or gte is None:
             return None
-        gte = next((i for i in body if i.name == ops[0] and i.opcode == "get-tuple-element"), None)
-        index = int(re.search(r"index=(\d+)", gte.call).group(1)) if gte else 0
+        index = int(re.search(r"index=(\d+)", gte.call).group(1))
+        # Step: the body's root tuple carries counter + constant.
+        root = self.comps[bname][-1]
+        elems = _operands(root.call) if root.opcode == "tuple" else []
+        step = None
+        if index < len(elems):
+            upd = next((i for i in self.comps[bname] if i.name == elems[index]), None)
+            if upd is not None and upd.opcode == "add":
+                consts = [self._constant(bname, o) for o in _operands(upd.call)]
+                step = next((c for c in consts if c is not None), None)
+        if not step or step <= 0:
+            return None
         init = _operands(ins.call)
         start = 0
-        if init:
-            tup = next((i for i in self.comps[caller] if i.name == init[0] and i.opcode == "tuple"), None)
-            elems = _operands(tup.call) if tup else []
-            if index < len(elems):
-                start = self._constant(caller, elems[index]) or 0
-        bound = consts[1]
-        n = {"LT": bound - start, "LE": bound - start + 1, "NE": bound - start}.get(direction.group(1))
-        return n if n is not None and n >= 0 else None
+        tup = next((i for i in self.comps[caller] if init and i.name == init[0] and i.opcode == "tuple"), None)
+        if tup is not None:
+            init_elems = _operands(tup.call)
+            if index < len(init_elems):
+                value = self._constant(caller, init_elems[index])
+                start = 0 if value is None else value
+        span = {"LT": bound - start, "LE": bound - start + 1, "NE": bound - start}.get(direction.group(1))
+        return None if span is None or span < 0 else -(-span // step)
 
     def _multiplicity(self) -> dict[str, float]:
         times: dict[str, float] = {}
@@ -710,30 +728,71 @@ class HloModule:
         return out
 
     def matmul_flops(self) -> float:
-        """2 x output elements x contraction size of every ``dot`` and ``convolution``, times its executions."""
+        """2 x multiply-adds of every ``dot`` and ``convolution``, times its executions."""
         total = 0.0
         for ins, n in self.instructions():
-            if ins.opcode not in ("dot", "convolution"):
-                continue
-            out = _arrays(ins.type_text)
-            ops = _operands(ins.call)
-            if not out or len(ops) < 2:
-                continue
-            out_elems = math.prod(out[0][1])
             if ins.opcode == "dot":
-                lhs = _arrays(self.types.get(ops[0], ""))
-                cdims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.call)
-                if not lhs or not cdims:
-                    continue
-                k = math.prod(lhs[0][1][int(d)] for d in cdims.group(1).split(",") if d)
-            else:
-                rhs = _arrays(self.types.get(ops[1], ""))
-                labels = re.search(r"dim_labels=[^_]+_([^-]+)->", ins.call)
-                if not rhs or not labels or len(labels.group(1)) != len(rhs[0][1]):
-                    continue
-                k = math.prod(size for lab, size in zip(labels.group(1), rhs[0][1]) if lab != "o")
-            total += n * 2.0 * out_elems * k
+                total += n * self._dot_flops(ins)
+            elif ins.opcode == "convolution":
+                total += n * self._conv_flops(ins)
         return total
+
+    def _dot_flops(self, ins: _Instr) -> float:
+        out, ops = _arrays(ins.type_text), _operands(ins.call)
+        lhs = _arrays(self.types.get(ops[0], "")) if ops else []
+        cdims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.call)
+        if not out or not lhs or not cdims:
+            return 0.0
+        k = math.prod(lhs[0][1][int(d)] for d in cdims.group(1).split(",") if d)
+        return 2.0 * math.prod(out[0][1]) * k
+
+    def _conv_flops(self, ins: _Instr) -> float:
+        """Exact multiply-add count of an XLA convolution: per spatial dimension, the number of (output position,
+        window tap) pairs that land on a real (unpadded, undilated) input element; TPU HLO expresses batched matmuls
+        as convolutions whose "spatial" dimensions are such batch dimensions (window = size, padding = size - 1)."""
+        out, ops = _arrays(ins.type_text), _operands(ins.call)
+        labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", ins.call)
+        if not out or len(ops) < 2 or not labels:
+            return 0.0
+        lhs, rhs = _arrays(self.types.get(ops[0], "")), _arrays(self.types.get(ops[1], ""))
+        if not lhs or not rhs:
+            return 0.0
+        ll, rl, ol = labels.groups()
+        lhs_dims, rhs_dims, out_dims = dict(zip(ll, lhs[0][1])), dict(zip(rl, rhs[0][1])), dict(zip(ol, out[0][1]))
+        spatial = sorted(c for c in rl if c.isdigit())
+        window = re.search(r"window=\{([^}]*)\}", ins.call)
+        attrs = dict(re.findall(r"(\w+)=([\dx_]+)", window.group(1))) if window else {}
+
+        def per_dim(name, default):
+            if name not in attrs:
+                return [default] * len(spatial)
+            return attrs[name].split("x")
+
+        sizes = [int(x) for x in per_dim("size", None)] if "size" in attrs else [rhs_dims[d] for d in spatial]
+        pads = [tuple(int(v) for v in p.split("_")) for p in per_dim("pad", "0_0")]
+        strides = [int(x) for x in per_dim("stride", 1)]
+        lhs_dil = [int(x) for x in per_dim("lhs_dilate", 1)]
+        rhs_dil = [int(x) for x in per_dim("rhs_dilate", 1)]
+        pairs = 1
+        for j, d in enumerate(spatial):
+            pairs *= _window_pairs(lhs_dims[d], out_dims[d], sizes[j], pads[j][0], strides[j], lhs_dil[j], rhs_dil[j])
+        other = math.prod(v for c, v in out_dims.items() if not c.isdigit())
+        return 2.0 * other * rhs_dims.get("i", 1) * pairs
+
+
+def _window_pairs(length: int, out_len: int, size: int, pad_lo: int, stride: int, lhs_dil: int, rhs_dil: int) -> int:
+    """(output position, window tap) pairs of one convolution dimension that read a real input element.
+
+    Tap ``k`` of output ``o`` reads position ``o * stride + k * rhs_dil - pad_lo`` of the (``lhs_dil``-dilated) input,
+    which holds a real element where it lies in ``[0, (length - 1) * lhs_dil]`` and is a multiple of ``lhs_dil``.
+    """
+    last = (length - 1) * lhs_dil
+    total = 0
+    for k in range(size):
+        first = k * rhs_dil - pad_lo
+        o = np.arange(out_len, dtype=np.int64) * stride + first
+        total += int(np.count_nonzero((o >= 0) & (o <= last) & (o % lhs_dil == 0)))
+    return total
 
 
 def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
@@ -747,17 +806,28 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
     return HloModule(hlo_text).collectives()
 
 
-_OOM_RE = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE)
+# libtpu's out-of-memory messages, e.g. "Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G." or "the total
+# memory required for HLO temporaries (20.00G) exceeds available HBM (15.75G)".
+_OOM_RES = (
+    re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+[\d.]+[KMGT]?i?B?\s+hbm", re.IGNORECASE),
+    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)i?B?\)\s+exceeds available HBM", re.IGNORECASE),
+)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def _oom_total(message: str) -> int | None:
-    m = _OOM_RE.search(message)
-    return None if not m else int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """Bytes the compiler said the program needs, from its out-of-memory message (None if it is not one)."""
+    for pattern in _OOM_RES:
+        m = pattern.search(message)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return None
 
 
-def compile_program(program: Program, mesh: Mesh, topology: Topology, rules) -> tuple[Any, Report]:
-    """Lowers and compiles ``program`` under ``mesh``; returns (compiled or None, report)."""
+def compile_program(program: Program, mesh: Mesh, topology: Topology, rules,
+                    dump_dir: str | None = None) -> tuple[Any, Report]:
+    """Lowers and compiles ``program`` under ``mesh``; returns (compiled or None, report). ``dump_dir``: write the
+    compiled HLO text there (``<program>.hlo.txt``)."""
     mesh_text = _mesh_text(dict(mesh.shape))
     t0 = time.perf_counter()
     try:
@@ -776,7 +846,12 @@ def compile_program(program: Program, mesh: Mesh, topology: Topology, rules) -> 
                              int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes))
     code = int(mem.generated_code_size_in_bytes)
     total = arg + out - alias + temp + code
-    hlo = HloModule(compiled.as_text())
+    hlo_text = compiled.as_text()
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        with open(os.path.join(dump_dir, f"{program.name}.hlo.txt"), "w") as f:
+            f.write(hlo_text)
+    hlo = HloModule(hlo_text)
     matmul = hlo.matmul_flops()
     report = Report(
         program.name, program.description, topology.name, mesh_text, topology.hbm_bytes, seconds,
@@ -804,7 +879,7 @@ def format_table(reports: Sequence[Report]) -> str:
 
 def run(config, topology: str, *, mesh: str | Mapping[str, int] | None = None, what: str = "all",
         batch: int | None = None, prompts: int = 1, precision: str | None = None,
-        sample_precision: str = "infer", out: str | None = None) -> list[Report]:
+        sample_precision: str = "infer", out: str | None = None, dump_dir: str | None = None) -> list[Report]:
     """Compiles the requested programs for ``topology``; returns their reports (and writes ``out`` if given)."""
     if what not in ("train", "sample", "all"):
         raise AotError(f"--what {what!r}: expected train, sample or all")
@@ -824,7 +899,7 @@ def run(config, topology: str, *, mesh: str | Mapping[str, int] | None = None, w
     reports, executables = [], {}
     for program in programs:
         log.info("compiling %s for %s (%s)", program.name, topo.name, program.description)
-        compiled, report = compile_program(program, the_mesh, topo, rules)
+        compiled, report = compile_program(program, the_mesh, topo, rules, dump_dir)
         reports.append(report)
         if compiled is not None and out:
             executables[program.name] = serialize(compiled, report)
@@ -865,12 +940,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=None, help="write the serialized executables to this file")
     parser.add_argument("--json", default=None, help="write the reports as JSON to this file")
+    parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled program's HLO text here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = apply_overrides(load_config(args.config), args.set)
         reports = run(config, args.topology, mesh=args.mesh, what=args.what, batch=args.batch, prompts=args.prompts,
-                      precision=args.precision, sample_precision=args.sample_precision, out=args.out)
+                      precision=args.precision, sample_precision=args.sample_precision, out=args.out,
+                      dump_dir=args.dump_hlo)
     except AotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

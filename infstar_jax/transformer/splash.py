@@ -22,7 +22,6 @@ logical rules, since a Pallas call cannot be partitioned by the SPMD partitioner
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -84,7 +83,12 @@ class LayoutMask(splash_mask.Mask):
         if len(idx) != 2:
             raise NotImplementedError(f"unsupported slice {idx}")
         q_slice, kv_slice = idx
-        return self._table[self._ids[q_slice][:, None], self._ids[kv_slice][None, :]]
+        qi, ki = self._ids[q_slice], self._ids[kv_slice]
+        # Block ids never decrease along the sequence, so a tile inside one (query block, key block) pair is constant:
+        # the common case, and the one worth making fast (the kernel builder visits every tile several times).
+        if len(qi) and len(ki) and qi[0] == qi[-1] and ki[0] == ki[-1]:
+            return np.full((len(qi), len(ki)), self._table[qi[0], ki[0]])
+        return self._table[qi][:, ki]
 
     def empty_rows(self) -> np.ndarray:
         """``[Lp]`` bool: rows whose output must be 0 (see-nothing blocks and padding)."""
@@ -108,32 +112,28 @@ def _block_sizes(bq: int, bkv: int) -> splash_kernel.BlockSizes:
     )
 
 
-@functools.lru_cache(maxsize=64)
 def _layout_kernel(layout: BlockLayout, padded_length: int, heads: int, block: int, interpret: bool):
-    """Splash kernel for ``heads`` query heads sharing one layout mask (cached: building the tile lists walks every
-    tile of the mask in numpy, seconds for a 40k-token sequence)."""
+    """Splash kernel for ``heads`` query heads sharing one layout mask, and the ``[Lp]`` rows to zero.
+
+    Built while tracing (its tile tables become constants of the traced program; about a second per kernel for a
+    40k-token sequence), never cached across traces: under a mesh of another host's devices (AOT for a pod) the
+    tables must not be materialised as device arrays.
+    """
     mask = LayoutMask(layout, padded_length)
-    # Concrete (not traced) mask-info arrays, so the cached kernel can be reused by later traces.
-    with jax.ensure_compile_time_eval():
-        kernel = splash_kernel.make_splash_mha(
-            splash_mask.MultiHeadMask([mask] * heads), block_sizes=_block_sizes(block, block),
-            head_shards=1, q_seq_shards=1, interpret=interpret,
-        )
+    kernel = splash_kernel.make_splash_mha(
+        splash_mask.MultiHeadMask([mask] * heads), block_sizes=_block_sizes(block, block),
+        head_shards=1, q_seq_shards=1, interpret=interpret,
+    )
     return kernel, mask.empty_rows()
 
 
-@functools.lru_cache(maxsize=64)
-def _full_kernel(lq: int, lk: int, heads: int, bq: int, bkv: int, interpret: bool, mask: Any = None):
-    """Splash kernel for unmasked (or statically masked, ``mask`` a ``_Frozen``-like hashable) ``[lq, lk]`` attention."""
-    if mask is None:
-        m = splash_mask.FullMask((lq, lk))
-    else:
-        m = splash_mask.NumpyMask(mask.array)
-    with jax.ensure_compile_time_eval():
-        return splash_kernel.make_splash_mha(
-            splash_mask.MultiHeadMask([m] * heads), block_sizes=_block_sizes(bq, bkv),
-            head_shards=1, q_seq_shards=1, interpret=interpret,
-        )
+def _full_kernel(lq: int, lk: int, heads: int, bq: int, bkv: int, interpret: bool, mask: np.ndarray | None = None):
+    """Splash kernel for unmasked (or statically masked: ``mask`` ``[lq, lk]`` bool) attention."""
+    m = splash_mask.FullMask((lq, lk)) if mask is None else splash_mask.NumpyMask(mask)
+    return splash_kernel.make_splash_mha(
+        splash_mask.MultiHeadMask([m] * heads), block_sizes=_block_sizes(bq, bkv),
+        head_shards=1, q_seq_shards=1, interpret=interpret,
+    )
 
 
 def _default_interpret() -> bool:
@@ -197,7 +197,11 @@ def _apply(kernel, q, k, v, kv_seg):
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     q_seg = jnp.zeros(q.shape[:2], jnp.int32)
     seg = splash_kernel.SegmentIds(q=q_seg, kv=kv_seg)
-    out = jax.vmap(kernel)(qh, kh, vh, seg)
+    # The kernel's matmuls take the ambient default precision; Mosaic refuses an fp32 contract precision on bf16
+    # operands, so low-precision inputs always run at the native (bf16 x bf16 -> fp32) precision.
+    precision = None if q.dtype == jnp.float32 else "default"
+    with jax.default_matmul_precision(precision):
+        out = jax.vmap(kernel)(qh, kh, vh, seg)
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -283,17 +287,15 @@ def attention(
     valid = jnp.ones((b, lk), bool) if key_valid is None else jnp.asarray(key_valid, bool)
     # Padded keys are invalid (segment 1); padded query rows are dropped.
     kv_seg = _pad_len(jnp.where(valid, 0, 1).astype(jnp.int32), lkp, value=1)
-    frozen = None
     static = None
     if mask is not None:
         static = np.zeros((lqp, lkp), bool)
         static[:lq, :lk] = np.asarray(mask, bool)
         static[lq:, :] = True  # padded query rows: any key, dropped below
         static[:lq, lk:][~static[:lq, :lk].any(axis=1)] = True  # empty rows: a padded key, zeroed below
-        frozen = _Hashable(static)
 
     def body(q, k, v, kv_seg):
-        kernel = _full_kernel(lqp, lkp, q.shape[2], bq, bkv, interpret, frozen)
+        kernel = _full_kernel(lqp, lkp, q.shape[2], bq, bkv, interpret, static)
         return _apply(kernel, _pad_len(q, lqp), _pad_len(k, lkp), _pad_len(v, lkp), kv_seg)
 
     out = _run_sharded(body, q, k, v, kv_seg)[:, :lq]
@@ -303,17 +305,3 @@ def attention(
         keep = jnp.any(jnp.asarray(static[:lq, :lk])[None] & valid[:, None, :], axis=-1)
     keep = jnp.broadcast_to(keep, (b, lq))
     return jnp.where(keep[:, :, None, None], out, jnp.zeros((), out.dtype))
-
-
-class _Hashable:
-    """A numpy array usable as an ``lru_cache`` key (hashed by content)."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self._key = hash((array.shape, array.tobytes()))
-
-    def __hash__(self):
-        return self._key
-
-    def __eq__(self, other):
-        return isinstance(other, _Hashable) and np.array_equal(self.array, other.array)
