@@ -103,3 +103,31 @@ def test_launchers_refuse_unknown_arguments():
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "gpu.py"), "--dry-run", "--hosts", "a,a",
                            "--config", "c.py", "--workdir", "w"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "repeat" in proc.stderr
+
+
+@pytest.mark.slow
+def test_local_two_process_run(tmp_path):
+    """A real 2-process run on simulated CPU devices (jax.distributed + gloo): per-process data states in the
+    checkpoints, a resume, and the export written by both processes into one folder."""
+    import json
+
+    from test_train_loop import SMALL, fill_random_cache
+
+    fill_random_cache(str(tmp_path / "cache"), 12, seed=4)
+    args = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2", "--cpu-devices", "2",
+            "--port", "18479", "--config", "configs/toy.py", "--workdir", str(tmp_path / "run"),
+            f"--config.data.cache={tmp_path / 'cache'}", "--config.train.batch_size=4",
+            "--config.train.lr_schedule=constant", "--config.checkpoint.every_steps=2", "--config.log.every_steps=1",
+            "--config.log.progress=False", "--config.schedule.num_scales=3", "--config.schedule.image_rep=(2,2,2)",
+            "--config.schedule.video_rep=(2,2,1)", *[f"--config.model.overrides.{k}={v}" for k, v in SMALL.items()]]
+    for steps in (3, 5):
+        proc = subprocess.run([*args, f"--config.train.steps={steps}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming from checkpoint 3" in proc.stderr  # the first run saved at its last step
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "5" / "data").glob("process_*")) == \
+        ["process_0-of-2.json", "process_1-of-2.json"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["data/skipped_all_processes"] == 0
+    assert (tmp_path / "run" / "export" / "transformer" / "infstar.json").exists()

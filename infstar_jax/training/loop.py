@@ -14,7 +14,8 @@
    finishes the current step, saves, and returns; a SIGKILL loses at most the steps since the last save;
 5. logs on process 0 every ``log.every_steps``: the task's metrics averaged over the window (loss, accuracy per
    scale and scale group, grad norm, lr), step time, data wait, tokens/s, MFU (when the chip's peak is known),
-   compile time of new step shapes, and skipped-sample counts; to the console (tqdm bar + log lines),
+   compile time of new step shapes, and skipped-sample counts (process 0's by reason, and the total over all
+   processes); to the console (tqdm bar + log lines),
    ``WORKDIR/metrics.jsonl`` and TensorBoard (if ``tensorboardX`` is installed);
 6. at the end waits for pending saves and exports the weights (``WORKDIR/export``, ``train.export``).
 """
@@ -163,9 +164,8 @@ def run(config, workdir: str) -> dict[str, Any]:
             state = task.init_state()
         if main:
             _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-            shapes = getattr(task, "possible_shapes", None)
+            shapes = task.possible_shapes()
             if shapes is not None:
-                shapes = shapes()
                 _write_json(os.path.join(workdir, "step_shapes.json"), [s.to_json() for s in shapes])
                 log.info("%d possible step shapes (compiled variants):\n  %s", len(shapes),
                          "\n  ".join(s.describe() for s in shapes))
@@ -273,5 +273,11 @@ def _flush(task, pending, window, timing, t_mark, peak, iterator) -> dict[str, A
         out["compile_time"] = timing["compile"]
     skipped = getattr(iterator, "skipped", None)
     if skipped is not None:
-        out.update({k: float(v) for k, v in skipped.metrics().items()})
+        counts = skipped.metrics()
+        out.update({k: float(v) for k, v in counts.items()})  # this process's shard, by reason
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            totals = multihost_utils.process_allgather(np.asarray([counts.get("data/skipped", 0)], np.int64))
+            out["data/skipped_all_processes"] = float(np.sum(totals))
     return out

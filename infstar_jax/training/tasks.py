@@ -19,6 +19,7 @@ and step. A task is constructed as ``Task(config, mesh, workdir)`` inside ``jax.
   meaningful), ``shape`` (a hashable key of the compiled variant the batch uses).
 * ``step_metrics(batch, metrics)`` -> ``{name: value or (value, weight)}`` averaged over the logging window.
 * ``export(state, directory)``: write the trained weights for the downstream commands (sampler, converters).
+* ``possible_shapes()`` (optional): the step variants that will be compiled, logged and written at the start.
 * ``default_config()`` (class method): the task's config sections; ``add_training_config`` merges them.
 
 Tasks register with ``@register("name")``; ``create(config, mesh, workdir)`` instantiates ``config.task``.
@@ -136,6 +137,11 @@ class Task(abc.ABC):
         return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
     def export(self, state, directory: str) -> str | None:
+        return None
+
+    def possible_shapes(self) -> list | None:
+        """The compiled step variants the data can produce (objects with ``describe()`` and ``to_json()``), or
+        ``None`` if the task does not know them in advance."""
         return None
 
     def describe(self) -> str:
