@@ -71,6 +71,9 @@ SLICE_TOPOLOGIES.update({k.replace("v5e-", "v5litepod-"): v for k, v in SLICE_TO
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 EXIT_DOES_NOT_FIT = 3
+# Device arrays of a train batch (``training.step.DEVICE_KEYS``).
+_TRAIN_BATCH_KEYS = ("latent", "text", "uncond_rows", "key_valid", "positions", "repeat_idx", "flip_probs",
+                     "row_weight")
 
 
 class AotError(ValueError):
@@ -243,6 +246,14 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+def with_training_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config completed with the trainer's sections (``train``, ``data``, ...), as the train CLI does, so that
+    ``--set train.batch_size=...`` overrides work on any preset."""
+    from infstar_jax.training import tasks
+
+    return tasks.add_training_config(config)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """``["precision=infer", "schedule.duration=10"]`` (values parsed as JSON, else kept as strings)."""
     for item in overrides:
@@ -413,72 +424,61 @@ def sample_programs(config, mesh: Mesh, *, prompts: int = 1, precision: str = "i
     ]
 
 
+def train_step_shape(config, rows: int):
+    """The trainer's step shape for the longest packed rows of the config's schedule (resolution, aspect, duration):
+    the var-len outcome with the most tokens and the largest text bucket (SPEC §7.3)."""
+    from infstar_jax.training import batching
+
+    options = batching.options_from_config(config, _model_cfg(config))
+    s = config.schedule
+    template = schedules.nearest_template(schedules.parse_aspect(s.get("aspect") or "16:9"))
+    pt = schedules.latent_frames(16 * int(s.duration) + 1)
+    sched = batching.resolve_schedule(options, template, pt)
+    try:
+        outs, _ = batching.outcomes(options, sched)
+    except ValueError as e:
+        raise AotError(f"the trainer cannot draw var-len outcomes for this schedule ({e}); train it with "
+                       "--set train.var_len=false or give train.var_len_outcomes") from e
+    kept = max(outs, key=lambda o: sum(int(np.prod(sched.scales[i])) for i in o))
+    # Captions are cut at the model's text length, so the largest bucket used is the last one that fits it.
+    slot = max([b for b in options.text_buckets if b <= options.text_maxlen] or [options.text_buckets[0]])
+    return batching.step_shape(options, sched, kept, slot, rows)
+
+
 def train_programs(config, mesh: Mesh, *, batch: int | None = None, precision: str | None = None) -> list[Program]:
-    """One optimizer step at the longest packed sequence of the config's schedule, ``batch`` rows (default: one per
-    shard of the batch axes)."""
-    import optax
+    """The trainer's jitted step (``training.step.TrainStep``, exactly as ``training.loop`` builds it) for the
+    longest packed rows of the config's schedule; ``batch`` global rows (default: the config's
+    ``train.batch_size`` if set, else one row per shard of the batch axes)."""
+    from infstar_jax.training import batching, tasks
 
-    from infstar_jax.training import packing as packing_lib
-    from infstar_jax.transformer import loss as loss_lib
-    from infstar_jax.transformer.model import Transformer, init_params
-
-    cfg = _model_cfg(config, precision)
+    config = tasks.add_training_config(ml_collections.ConfigDict(config.to_dict()))
+    if precision:
+        config.precision = precision
     rules = config_lib.mesh_rules(config)
-    sched = _schedule(config, training=True)
-    kept = longest_kept(sched)
-    ex = packing_lib.ExampleSpec(tuple(tuple(s) for s in sched.scales), sched.scales_per_clip, tuple(sched.reps),
-                                 kept, cfg.text_maxlen, cfg.text_maxlen, sched.detail_scale_min_tokens)
-    packing = packing_lib.pack([ex])
-    batch_axes = parallel.logical_to_spec(("activation_batch",), rules)[0]
-    batch_axes = () if batch_axes is None else ((batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
-    b = batch or int(np.prod([mesh.shape[a] for a in batch_axes]))
-    lv, lt, length = packing.visual_len, cfg.text_maxlen, packing.length
-
-    model = Transformer(cfg)
-    tx = optax.chain(optax.clip_by_global_norm(5.0), optax.adamw(4e-5, b1=0.9, b2=0.97, eps=1e-8, weight_decay=0.0))
-    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))["params"])
-    params = parallel.abstract_sharded(boxed, mesh, rules)
-    p_sh = jax.tree.map(lambda a: a.sharding, params)
-    opt = jax.eval_shape(tx.init, params)
-    replicated = NamedSharding(mesh, P())
-    o_sh = optax.tree_map_params(tx, lambda _, s: s, opt, p_sh, transform_non_params=lambda _: replicated)
-    opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, o_sh)
-
-    row = ("activation_batch", "activation_length")
-    data = dict(
-        visual=abstract((b, lv, cfg.latent_dim), jnp.float32, mesh, row, rules),
-        text=abstract((b, lt, cfg.text_dim), jnp.float32, mesh, row, rules),
-        positions=abstract((b, length, 4), jnp.int32, mesh, row, rules),
-        uncond_rows=abstract((b, lt), jnp.int32, mesh, row, rules),
-        key_valid=abstract((b, length), jnp.bool_, mesh, row, rules),
-        labels=abstract((b, lv, cfg.detail_bits), jnp.uint8, mesh, row, rules),
-    )
-    is_detail = packing.token_is_detail()
-    token_block = packing.token_block()
-    weights = packing.block_weights()
-
-    def loss_fn(p, d):
-        detail, semantic = model.apply({"params": p}, d["visual"], d["text"], d["positions"], packing.layout,
-                                       uncond_rows=d["uncond_rows"], key_valid=d["key_valid"])
-        tl, _ = loss_lib.token_loss_acc(detail, semantic, d["labels"], jnp.asarray(is_detail))
-        total, _ = loss_lib.scale_weighted(tl, jnp.asarray(token_block), jnp.asarray(weights))
-        return total.mean()
-
-    def step(state, d):
-        p, o = state
-        loss, grads = jax.value_and_grad(loss_fn)(p, d)
-        updates, o = tx.update(grads, o, p)
-        return (optax.apply_updates(p, updates), o), {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
-    fn = jax.jit(step, in_shardings=((p_sh, o_sh), jax.tree.map(lambda a: a.sharding, data)),
-                 out_shardings=((p_sh, o_sh), replicated), donate_argnums=0)
-    layout = packing.layout
+    axes = parallel.logical_to_spec(("activation_batch",), rules)[0]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    rows = int(batch or shards)
+    if rows % (shards * int(config.train.grad_accum)):
+        raise AotError(f"--batch {rows}: the global batch must be a multiple of grad_accum={config.train.grad_accum} "
+                       f"x the {shards} batch shards (mesh axes {axes})")
+    config.train.batch_size = rows
+    with jax.set_mesh(mesh):
+        task = tasks.create(config, mesh, workdir="")
+    shape = train_step_shape(config, rows)
+    fn = task._step.function(shape)
+    per_row = batching.row_arrays(shape, None, None, np.random.default_rng(0), task.options)
+    batch_sharding = task._step.batch_sharding
+    arrays = {k: jax.ShapeDtypeStruct((rows, *np.shape(per_row[k])), np.asarray(per_row[k]).dtype,
+                                      sharding=batch_sharding) for k in _TRAIN_BATCH_KEYS}
+    cfg = task.model_cfg
+    layout = shape.packing.layout
     pairs = sum(n * sum(layout.lengths[j] for j in row) for n, row in zip(layout.lengths, layout.sees))
     passes = 3.0 + (cfg.remat != "none")
-    return [Program("train_step", fn, ((params, opt), data), {},
-                    f"{b} rows x {length} tokens ({lv} visual, {len(kept)} of {sched.num_scales} scales), "
-                    f"{cfg.dtype} matmuls, remat={cfg.remat}",
-                    attention_flops_per_chip(cfg, mesh, rules, b, pairs, passes))]
+    return [Program(
+        "train_step", fn, (task.abstract_state(), arrays), {},
+        f"{shape.describe()}; {cfg.dtype} matmuls, remat={cfg.remat}, grad_accum={config.train.grad_accum}",
+        attention_flops_per_chip(cfg, mesh, rules, rows, pairs, passes))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -944,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = apply_overrides(load_config(args.config), args.set)
+        config = apply_overrides(with_training_sections(load_config(args.config)), args.set)
         reports = run(config, args.topology, mesh=args.mesh, what=args.what, batch=args.batch, prompts=args.prompts,
                       precision=args.precision, sample_precision=args.sample_precision, out=args.out,
                       dump_dir=args.dump_hlo)
