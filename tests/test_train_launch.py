@@ -109,9 +109,9 @@ def test_launchers_refuse_unknown_arguments():
 def test_local_two_process_run(tmp_path):
     """A real 2-process run on simulated CPU devices (jax.distributed + gloo): per-process data states in the
     checkpoints, a resume, and the export written by both processes into one folder."""
-    import json
-
     from test_train_loop import SMALL, fill_random_cache
+
+    from infstar_jax.training import metrics as metrics_lib
 
     fill_random_cache(str(tmp_path / "cache"), 12, seed=4)
     args = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2", "--cpu-devices", "2",
@@ -127,7 +127,7 @@ def test_local_two_process_run(tmp_path):
     assert "resuming from checkpoint 3" in proc.stderr  # the first run saved at its last step
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "5" / "data").glob("process_*")) == \
         ["process_0-of-2.json", "process_1-of-2.json"]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_lib.read_metrics(str(tmp_path / "run"))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert records[-1]["data/skipped_all_processes"] == 0
     assert (tmp_path / "run" / "export" / "transformer" / "infstar.json").exists()

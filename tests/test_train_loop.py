@@ -187,11 +187,11 @@ def _run(args, env, timeout=300):
 
 
 def _logged_steps(workdir):
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
+    try:
+        records = metrics_lib.read_metrics(str(workdir))
+    except json.JSONDecodeError:  # a chunk caught mid-write
         return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1])["step"] if lines else 0
+    return records[-1]["step"] if records else 0
 
 
 def _wait(proc, cond, timeout=240):
@@ -284,3 +284,20 @@ def test_cli_completes_presets_without_training_sections(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "infstar_jax.train", "--config", "configs/missing.py", "--workdir",
                            str(tmp_path / "run")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "configs/missing.py' does not exist" in proc.stderr
+
+
+def test_metric_chunks_and_resumed_steps(tmp_path):
+    w = metrics_lib.MetricWriter(str(tmp_path), chunk_records=3, tensorboard=False)
+    for s in range(1, 8):
+        w.write(s, {"loss": float(s)})
+    w.close()
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["000000001.jsonl", "000000004.jsonl",
+                                                                       "000000007.jsonl"]
+    resumed = metrics_lib.MetricWriter(str(tmp_path), chunk_records=3, tensorboard=False)  # killed at 7, resumed at 5
+    for s in (6, 7, 8):
+        resumed.write(s, {"loss": 10.0 * s})
+    records = metrics_lib.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["loss"] for r in records] == [1, 2, 3, 4, 5, 60, 70, 80]
+    metrics_lib.MetricWriter(str(tmp_path / "other"), active=False).write(1, {"loss": 1.0})
+    assert not (tmp_path / "other").exists()  # processes other than 0 write nothing

@@ -7,8 +7,8 @@ counted with its caption's real length, not our bucketed text slot), ``width = h
 (remat) not counted, and ``peak`` = the chip's dense bf16 peak (H100/H200: 989 TFLOP/s). With 256 text tokens this
 reproduces the reference trainer's MFU column of the issue to three digits.
 
-Writers (process 0 only): a JSON-lines file ``WORKDIR/metrics.jsonl`` (always), TensorBoard event files under
-``WORKDIR/tensorboard`` when ``tensorboardX`` is installed (it is not a dependency).
+Writers (process 0 only): JSON lines under ``WORKDIR/metrics/`` (always; ``read_metrics`` reads them back),
+TensorBoard event files under ``WORKDIR/tensorboard`` when ``tensorboardX`` is installed (it is not a dependency).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from infstar_jax.training import packing as packing_lib
 from infstar_jax.transformer.attention import BlockLayout
@@ -30,6 +31,7 @@ from infstar_jax.transformer.config import TransformerConfig
 log = logging.getLogger(__name__)
 
 TILE = 128
+METRICS_DIR = "metrics"
 
 # Dense bf16 peak FLOP/s per chip, matched against ``jax.Device.device_kind`` (lower case, first match wins).
 PEAK_FLOPS = (
@@ -150,34 +152,43 @@ class WindowMean:
 
 
 class MetricWriter:
-    """Appends ``{"step": s, **metrics}`` lines to ``metrics.jsonl`` and, if available, TensorBoard scalars.
+    """Writes ``{"step": s, **metrics}`` records as JSON lines under ``WORKDIR/metrics/`` and, if available,
+    TensorBoard scalars under ``WORKDIR/tensorboard``.
 
-    Inactive (writes nothing) on processes other than 0.
+    Records go to chunk files named by their first step (``metrics/000000001.jsonl``, at most ``chunk_records``
+    records each, rewritten whole at every write), so any ``etils.epath`` location works, object stores (gs://)
+    included, and a write costs O(chunk). Inactive (writes nothing) on processes other than 0.
     """
 
-    def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True, chunk_records: int = 500):
         self.active = active
-        self._jsonl = None
+        self.chunk_records = int(chunk_records)
+        self._dir = epath.Path(workdir) / METRICS_DIR
+        self._chunk: epath.Path | None = None
+        self._lines: list[str] = []
         self._tb = None
         if not active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                log.info("tensorboardX is not installed: metrics go to %s/metrics.jsonl only", workdir)
+                log.info("tensorboardX is not installed: metrics go to %s only", self._dir)
             else:
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.active:
             return
         clean = {k: (float(v) if isinstance(v, (int, float, np.number)) else v) for k, v in metrics.items()
                  if k != "step"}
-        self._jsonl.write(json.dumps({"step": int(step), **clean}, allow_nan=True) + "\n")
-        self._jsonl.flush()
+        if self._chunk is None or len(self._lines) >= self.chunk_records:
+            self._chunk, self._lines = self._dir / f"{int(step):09d}.jsonl", []
+        self._lines.append(json.dumps({"step": int(step), **clean}, allow_nan=True))
+        tmp = self._chunk.parent / f".{self._chunk.name}.tmp"
+        tmp.write_text("\n".join(self._lines) + "\n")
+        tmp.replace(self._chunk)  # readers (and a run killed mid-write) never see a partial chunk
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
@@ -185,20 +196,18 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of ``WORKDIR/metrics.jsonl`` (later records of a step replace earlier ones: a resumed run
-    re-logs the steps after its checkpoint)."""
-    by_step: dict[tuple[int, str], dict] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            by_step[(rec["step"], rec.get("kind", "train"))] = rec
+    """All records under ``WORKDIR/metrics/``, one per step in step order; where a resumed run re-logged a step,
+    its later record wins (chunks are read in the order of their first step, which a resume never lowers)."""
+    by_step: dict[int, dict] = {}
+    for chunk in sorted(epath.Path(workdir, METRICS_DIR).glob("*.jsonl")):
+        for line in chunk.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]

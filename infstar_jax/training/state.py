@@ -128,20 +128,22 @@ def create_sharded(init_params_fn: Callable[[], Any], tx: optax.GradientTransfor
     return make(params), shardings
 
 
-def state_dict(state: TrainState) -> dict:
-    """Plain nested dicts of arrays (what the checkpoint stores); ``ema_params`` absent when EMA is off."""
+def state_dict(state) -> dict:
+    """Plain nested dicts of arrays (what the checkpoint stores) of any flax-struct state; an ``ema_params`` field
+    that is ``None`` (EMA off) is left out."""
     d = serialization.to_state_dict(state)
-    if d.get("ema_params") is None:
-        d.pop("ema_params", None)
+    if "ema_params" in d and d["ema_params"] is None:
+        del d["ema_params"]
     return d
 
 
-def from_state_dict(template: TrainState, d: Mapping[str, Any]) -> TrainState:
+def from_state_dict(template, d: Mapping[str, Any]):
     """Inverse of ``state_dict`` given a template state (or abstract state) of the same structure."""
     d = dict(d)
-    if template.ema_params is None:
-        d["ema_params"] = None
-    elif "ema_params" not in d:
-        raise ValueError("the checkpoint has no EMA params but the run keeps an EMA (train.ema_decay > 0); "
-                         "set train.ema_decay=0 or start a fresh run")
+    if hasattr(template, "ema_params"):
+        if template.ema_params is None:
+            d["ema_params"] = None
+        elif "ema_params" not in d:
+            raise ValueError("the checkpoint has no EMA params but the run keeps an EMA (train.ema_decay > 0); "
+                             "set train.ema_decay=0 or start a fresh run")
     return serialization.from_state_dict(template, d)
