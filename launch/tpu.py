@@ -75,8 +75,9 @@ def main(argv=None) -> int:
         exists = sh.run(gcloud(args, "describe", args.name) + ["--format=value(state)"], check=False, quiet=True,
                         note="does the slice exist?")
         if exists != 0 or args.dry_run:
+            version = args.version or runtime_version(args.accelerator)
             create = gcloud(args, "create", args.name) + [f"--accelerator-type={args.accelerator}",
-                                                          f"--version={args.version or runtime_version(args.accelerator)}"]
+                                                          f"--version={version}"]
             if args.spot:
                 create.append("--spot")
             sh.run(create, note="only if it does not exist" if args.dry_run else "")

@@ -34,7 +34,8 @@ def test_tpu_dry_run():
                    "--config.train.lr=1e-4", "--config.data.cache=gs://bucket/cache")
     describe, create, tar, scp, install, train = cmds
     base = ["gcloud", "compute", "tpus", "tpu-vm"]
-    assert describe[:6] == base + ["describe", "pod"] and "--zone=us-east5-a" in describe and "--project=proj" in describe
+    assert describe[:6] == base + ["describe", "pod"]
+    assert "--zone=us-east5-a" in describe and "--project=proj" in describe
     assert create[:6] == base + ["create", "pod"]
     assert {"--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--spot", "--zone=us-east5-a"} <= set(create)
     assert tar[:3] == ["tar", "-czf", "/tmp/pod-infstar-jax.tar.gz"] and "--exclude=.git" in tar

@@ -291,8 +291,8 @@ def test_metric_chunks_and_resumed_steps(tmp_path):
     for s in range(1, 8):
         w.write(s, {"loss": float(s)})
     w.close()
-    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["000000001.jsonl", "000000004.jsonl",
-                                                                       "000000007.jsonl"]
+    names = sorted(p.name for p in (tmp_path / "metrics").iterdir())
+    assert names == ["0000-000000001.jsonl", "0000-000000004.jsonl", "0000-000000007.jsonl"]
     resumed = metrics_lib.MetricWriter(str(tmp_path), chunk_records=3, tensorboard=False)  # killed at 7, resumed at 5
     for s in (6, 7, 8):
         resumed.write(s, {"loss": 10.0 * s})

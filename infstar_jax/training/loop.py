@@ -138,7 +138,8 @@ def scale_table(summary: dict[str, float]) -> str:
         return ""
     rows = [f"{'scale':>16} {'acc':>8} {'loss':>8}"]
     for n in names:
-        rows.append(f"{n:>16} {summary.get('acc/' + n, float('nan')):8.4f} {summary.get('loss/' + n, float('nan')):8.4f}")
+        acc, loss = summary.get("acc/" + n, float("nan")), summary.get("loss/" + n, float("nan"))
+        rows.append(f"{n:>16} {acc:8.4f} {loss:8.4f}")
     return "\n".join(rows)
 
 

@@ -155,9 +155,10 @@ class MetricWriter:
     """Writes ``{"step": s, **metrics}`` records as JSON lines under ``WORKDIR/metrics/`` and, if available,
     TensorBoard scalars under ``WORKDIR/tensorboard``.
 
-    Records go to chunk files named by their first step (``metrics/000000001.jsonl``, at most ``chunk_records``
-    records each, rewritten whole at every write), so any ``etils.epath`` location works, object stores (gs://)
-    included, and a write costs O(chunk). Inactive (writes nothing) on processes other than 0.
+    Records go to chunk files named by the writer's session (0 for a fresh run, +1 at every resume) and their first
+    step (``metrics/0001-000000016.jsonl``), at most ``chunk_records`` records each, rewritten whole at every write:
+    any ``etils.epath`` location works, object stores (gs://) included, and a write costs O(chunk). Inactive (writes
+    nothing) on processes other than 0.
     """
 
     def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True, chunk_records: int = 500):
@@ -170,6 +171,8 @@ class MetricWriter:
         if not active:
             return
         self._dir.mkdir(parents=True, exist_ok=True)
+        sessions = [int(p.name.split("-")[0]) for p in self._dir.glob("*-*.jsonl")]
+        self._session = max(sessions) + 1 if sessions else 0
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -184,7 +187,7 @@ class MetricWriter:
         clean = {k: (float(v) if isinstance(v, (int, float, np.number)) else v) for k, v in metrics.items()
                  if k != "step"}
         if self._chunk is None or len(self._lines) >= self.chunk_records:
-            self._chunk, self._lines = self._dir / f"{int(step):09d}.jsonl", []
+            self._chunk, self._lines = self._dir / f"{self._session:04d}-{int(step):09d}.jsonl", []
         self._lines.append(json.dumps({"step": int(step), **clean}, allow_nan=True))
         tmp = self._chunk.parent / f".{self._chunk.name}.tmp"
         tmp.write_text("\n".join(self._lines) + "\n")
@@ -203,9 +206,9 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
     """All records under ``WORKDIR/metrics/``, one per step in step order; where a resumed run re-logged a step,
-    its later record wins (chunks are read in the order of their first step, which a resume never lowers)."""
+    the later session's record wins (chunks are read in (session, first step) order)."""
     by_step: dict[int, dict] = {}
-    for chunk in sorted(epath.Path(workdir, METRICS_DIR).glob("*.jsonl")):
+    for chunk in sorted(epath.Path(workdir, METRICS_DIR).glob("*-*.jsonl")):
         for line in chunk.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)

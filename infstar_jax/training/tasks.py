@@ -23,12 +23,14 @@ and step. A task is constructed as ``Task(config, mesh, workdir)`` inside ``jax.
 * ``default_config()`` (class method): the task's config sections; ``add_training_config`` merges them.
 
 Tasks register with ``@register("name")``; ``create(config, mesh, workdir)`` instantiates ``config.task``.
-Registered here: ``"transformer"`` (the spacetime transformer from a token cache).
+Registered here: ``"transformer"`` (the spacetime transformer from a token cache); ``"tokenizer"`` lives in
+``tokenizer_task.py`` and is imported when first named (``_MODULES``).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import json
 import logging
 import os
@@ -51,6 +53,8 @@ from infstar_jax.transformer.model import init_params
 log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, Callable[..., "Task"]] = {}
+# Tasks living in other modules, imported the first time their name is asked for.
+_MODULES = {"tokenizer": "infstar_jax.training.tokenizer_task"}
 
 
 def register(name: str):
@@ -66,6 +70,8 @@ def register(name: str):
 
 
 def task_class(name: str):
+    if name not in _REGISTRY and name in _MODULES:
+        importlib.import_module(_MODULES[name])
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
