@@ -187,10 +187,7 @@ def _run(args, env, timeout=300):
 
 
 def _logged_steps(workdir):
-    try:
-        records = metrics_lib.read_metrics(str(workdir))
-    except json.JSONDecodeError:  # a chunk caught mid-write
-        return 0
+    records = metrics_lib.read_metrics(str(workdir))
     return records[-1]["step"] if records else 0
 
 
@@ -287,13 +284,14 @@ def test_cli_completes_presets_without_training_sections(tmp_path):
 
 
 def test_metric_chunks_and_resumed_steps(tmp_path):
-    w = metrics_lib.MetricWriter(str(tmp_path), chunk_records=3, tensorboard=False)
+    w = metrics_lib.MetricWriter(str(tmp_path), chunk_records=3, tensorboard=False, chunked=True)  # as on gs://
     for s in range(1, 8):
         w.write(s, {"loss": float(s)})
     w.close()
     names = sorted(p.name for p in (tmp_path / "metrics").iterdir())
     assert names == ["0000-000000001.jsonl", "0000-000000004.jsonl", "0000-000000007.jsonl"]
-    resumed = metrics_lib.MetricWriter(str(tmp_path), chunk_records=3, tensorboard=False)  # killed at 7, resumed at 5
+    resumed = metrics_lib.MetricWriter(str(tmp_path), chunk_records=3, tensorboard=False, chunked=True)
+    # (killed at 7, resumed from a checkpoint at 5)
     for s in (6, 7, 8):
         resumed.write(s, {"loss": 10.0 * s})
     records = metrics_lib.read_metrics(str(tmp_path))
@@ -301,3 +299,9 @@ def test_metric_chunks_and_resumed_steps(tmp_path):
     assert [r["loss"] for r in records] == [1, 2, 3, 4, 5, 60, 70, 80]
     metrics_lib.MetricWriter(str(tmp_path / "other"), active=False).write(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()  # processes other than 0 write nothing
+    local = metrics_lib.MetricWriter(str(tmp_path / "local"), tensorboard=False)  # a local folder: one appended file
+    local.write(1, {"loss": 1.0})
+    local.close()
+    with open(tmp_path / "local" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss": 2.0}\n{"step": 1, "loss": 3.0}\n{"step": 3, "lo')  # a resume, then a cut line
+    assert [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(str(tmp_path / "local"))] == [(1, 3.0), (2, 2.0)]

@@ -7,8 +7,9 @@ counted with its caption's real length, not our bucketed text slot), ``width = h
 (remat) not counted, and ``peak`` = the chip's dense bf16 peak (H100/H200: 989 TFLOP/s). With 256 text tokens this
 reproduces the reference trainer's MFU column of the issue to three digits.
 
-Writers (process 0 only): JSON lines under ``WORKDIR/metrics/`` (always; ``read_metrics`` reads them back),
-TensorBoard event files under ``WORKDIR/tensorboard`` when ``tensorboardX`` is installed (it is not a dependency).
+Writers (process 0 only): JSON lines in ``WORKDIR/metrics.jsonl`` (chunks under ``WORKDIR/metrics/`` for gs:// and
+other object-store workdirs; ``read_metrics`` reads either), TensorBoard event files under ``WORKDIR/tensorboard``
+when ``tensorboardX`` is installed (it is not a dependency).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from infstar_jax.transformer.config import TransformerConfig
 log = logging.getLogger(__name__)
 
 TILE = 128
+METRICS_FILE = "metrics.jsonl"
 METRICS_DIR = "metrics"
 
 # Dense bf16 peak FLOP/s per chip, matched against ``jax.Device.device_kind`` (lower case, first match wins).
@@ -152,32 +154,40 @@ class WindowMean:
 
 
 class MetricWriter:
-    """Writes ``{"step": s, **metrics}`` records as JSON lines under ``WORKDIR/metrics/`` and, if available,
-    TensorBoard scalars under ``WORKDIR/tensorboard``.
+    """Writes ``{"step": s, **metrics}`` records as JSON lines and, if available, TensorBoard scalars under
+    ``WORKDIR/tensorboard``. Inactive (writes nothing) on processes other than 0.
 
-    Records go to chunk files named by the writer's session (0 for a fresh run, +1 at every resume) and their first
-    step (``metrics/0001-000000016.jsonl``), at most ``chunk_records`` records each, rewritten whole at every write:
-    any ``etils.epath`` location works, object stores (gs://) included, and a write costs O(chunk). Inactive (writes
-    nothing) on processes other than 0.
+    A local workdir gets one append-only ``WORKDIR/metrics.jsonl``. Object stores (a ``gs://`` workdir, any
+    ``etils.epath`` URL) cannot append, so there records go to chunk files under ``WORKDIR/metrics/`` named by the
+    writer's session (0 for a fresh run, +1 at every resume) and their first step (``0001-000000016.jsonl``), at
+    most ``chunk_records`` records each, rewritten whole (write + rename) at every write. ``read_metrics`` reads
+    either.
     """
 
-    def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True, chunk_records: int = 500):
+    def __init__(self, workdir: str, *, active: bool = True, tensorboard: bool = True, chunked: bool | None = None,
+                 chunk_records: int = 500):
         self.active = active
+        self.chunked = "://" in os.fspath(workdir) if chunked is None else chunked
         self.chunk_records = int(chunk_records)
         self._dir = epath.Path(workdir) / METRICS_DIR
+        self._file = None
         self._chunk: epath.Path | None = None
         self._lines: list[str] = []
         self._tb = None
         if not active:
             return
-        self._dir.mkdir(parents=True, exist_ok=True)
-        sessions = [int(p.name.split("-")[0]) for p in self._dir.glob("*-*.jsonl")]
-        self._session = max(sessions) + 1 if sessions else 0
+        if self.chunked:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            sessions = [int(p.name.split("-")[0]) for p in self._dir.glob("*-*.jsonl")]
+            self._session = max(sessions) + 1 if sessions else 0
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(os.path.join(workdir, METRICS_FILE), "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                log.info("tensorboardX is not installed: metrics go to %s only", self._dir)
+                log.info("tensorboardX is not installed: metrics go to %s only", workdir)
             else:
                 self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
 
@@ -186,12 +196,17 @@ class MetricWriter:
             return
         clean = {k: (float(v) if isinstance(v, (int, float, np.number)) else v) for k, v in metrics.items()
                  if k != "step"}
-        if self._chunk is None or len(self._lines) >= self.chunk_records:
-            self._chunk, self._lines = self._dir / f"{self._session:04d}-{int(step):09d}.jsonl", []
-        self._lines.append(json.dumps({"step": int(step), **clean}, allow_nan=True))
-        tmp = self._chunk.parent / f".{self._chunk.name}.tmp"
-        tmp.write_text("\n".join(self._lines) + "\n")
-        tmp.replace(self._chunk)  # readers (and a run killed mid-write) never see a partial chunk
+        line = json.dumps({"step": int(step), **clean}, allow_nan=True)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+        else:
+            if self._chunk is None or len(self._lines) >= self.chunk_records:
+                self._chunk, self._lines = self._dir / f"{self._session:04d}-{int(step):09d}.jsonl", []
+            self._lines.append(line)
+            tmp = self._chunk.parent / f".{self._chunk.name}.tmp"
+            tmp.write_text("\n".join(self._lines) + "\n")
+            tmp.replace(self._chunk)  # readers never see a partial chunk
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
@@ -199,18 +214,27 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All records under ``WORKDIR/metrics/``, one per step in step order; where a resumed run re-logged a step,
-    the later session's record wins (chunks are read in (session, first step) order)."""
+    """All records of a run, one per step in step order; where a resumed run re-logged a step, the later record
+    wins (``metrics.jsonl`` in line order, chunks in (session, first step) order). A line cut by a killed process
+    is skipped."""
+    root = epath.Path(workdir)
+    sources = [root / METRICS_FILE] if (root / METRICS_FILE).exists() else []
+    sources += sorted((root / METRICS_DIR).glob("*-*.jsonl")) if (root / METRICS_DIR).exists() else []
     by_step: dict[int, dict] = {}
-    for chunk in sorted(epath.Path(workdir, METRICS_DIR).glob("*-*.jsonl")):
-        for line in chunk.read_text().splitlines():
-            if line.strip():
+    for src in sources:
+        for line in src.read_text().splitlines():
+            try:
                 rec = json.loads(line)
-                by_step[rec["step"]] = rec
+            except json.JSONDecodeError:
+                continue
+            by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]
