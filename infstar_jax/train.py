@@ -6,7 +6,7 @@
 
 Any config key can be overridden (``--config.SECTION.KEY=VALUE``); the config file must define the training
 sections (``infstar_jax.training.tasks.add_training_config``). ``--workdir`` receives the checkpoints, the resolved
-config (``config.json``), metrics (``metrics/*.jsonl``, TensorBoard if ``tensorboardX`` is installed), the data index
+config (``config.json``), metrics (``metrics.jsonl``, TensorBoard if ``tensorboardX`` is installed), the data index
 and, at the end, the exported weights (``export/``). Re-running the same command resumes from the last checkpoint.
 
 Multi-host: ``--multihost`` calls ``jax.distributed.initialize()`` first (TPU pods detect everything themselves; on

@@ -16,7 +16,8 @@
    scale and scale group, grad norm, lr), step time, data wait, tokens/s, MFU (when the chip's peak is known),
    compile time of new step shapes, and skipped-sample counts (process 0's by reason, and the total over all
    processes); to the console (tqdm bar + log lines),
-   ``WORKDIR/metrics/*.jsonl`` and TensorBoard (if ``tensorboardX`` is installed);
+   ``WORKDIR/metrics.jsonl`` (chunks under ``WORKDIR/metrics/`` on object stores) and TensorBoard (if
+   ``tensorboardX`` is installed);
 6. at the end waits for pending saves and exports the weights (``WORKDIR/export``, ``train.export``).
 """
 
