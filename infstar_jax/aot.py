@@ -67,7 +67,8 @@ SLICE_TOPOLOGIES = {
                                                                   (64, "4x4x2"), (128, "4x4x4"), (256, "4x4x8"),
                                                                   (512, "4x8x8"), (1024, "8x8x8")]},
 }
-SLICE_TOPOLOGIES.update({k.replace("v5e-", "v5litepod-"): v for k, v in SLICE_TOPOLOGIES.items() if k.startswith("v5e")})
+SLICE_TOPOLOGIES.update({k.replace("v5e-", "v5litepod-"): v for k, v in SLICE_TOPOLOGIES.items()
+                         if k.startswith("v5e")})
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 EXIT_DOES_NOT_FIT = 3
@@ -272,17 +273,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node = node[p]
         if parts[-1] not in node:
             raise AotError(f"override {item!r}: config has no field {key!r}")
-        with config.unlocked() if hasattr(config, "unlocked") else _null():
+        with config.unlocked():
             node[parts[-1]] = parsed
     return config
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,24 +440,21 @@ def train_step_shape(config, rows: int):
 
 def train_programs(config, mesh: Mesh, *, batch: int | None = None, precision: str | None = None) -> list[Program]:
     """The trainer's jitted step (``training.step.TrainStep``, exactly as ``training.loop`` builds it) for the
-    longest packed rows of the config's schedule; ``batch`` global rows (default: the config's
-    ``train.batch_size`` if set, else one row per shard of the batch axes)."""
+    longest packed rows of the config's schedule; ``batch`` global rows (default: the config's ``train.batch_size``,
+    which the trainer requires to be a multiple of the batch shards)."""
     from infstar_jax.training import batching, tasks
 
     config = tasks.add_training_config(ml_collections.ConfigDict(config.to_dict()))
     if precision:
         config.precision = precision
-    rules = config_lib.mesh_rules(config)
-    axes = parallel.logical_to_spec(("activation_batch",), rules)[0]
-    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    shards = int(np.prod([mesh.shape[a] for a in axes]))
-    rows = int(batch or shards)
-    if rows % (shards * int(config.train.grad_accum)):
-        raise AotError(f"--batch {rows}: the global batch must be a multiple of grad_accum={config.train.grad_accum} "
-                       f"x the {shards} batch shards (mesh axes {axes})")
+    rows = int(batch or config.train.batch_size)
     config.train.batch_size = rows
-    with jax.set_mesh(mesh):
-        task = tasks.create(config, mesh, workdir="")
+    try:
+        with jax.set_mesh(mesh):
+            task = tasks.create(config, mesh, workdir="")
+    except ValueError as e:  # e.g. a batch that does not split over the batch shards
+        raise AotError(f"the trainer refuses this configuration: {e}") from e
+    rules = task.rules
     shape = train_step_shape(config, rows)
     fn = task._step.function(shape)
     per_row = batching.row_arrays(shape, None, None, np.random.default_rng(0), task.options)
@@ -508,16 +498,19 @@ class Report:
     attention_flops: float | None = None
     collectives: dict = dataclasses.field(default_factory=dict)
     unknown_loops: int = 0
+    available: int | None = None  # usable HBM the compiler reported when it refused the program
     error: str | None = None
 
     @property
     def verdict(self) -> str:
         if self.error and self.total is None:
             return "does not compile: " + self.error.splitlines()[0][:200]
-        margin = self.hbm - self.total
         if self.fits:
-            return f"fits ({_size(margin)} free)"
-        return f"does not fit: over by {_size(-margin)}"
+            return f"fits ({_size(self.hbm - self.total)} free)"
+        if self.available is not None:
+            return (f"does not fit: needs {_size(self.total)}, the compiler has {_size(self.available)} "
+                    f"(over by {_size(self.total - self.available)})")
+        return f"does not fit: over by {_size(self.total - self.hbm)}"
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -809,18 +802,20 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
 # libtpu's out-of-memory messages, e.g. "Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G." or "the total
 # memory required for HLO temporaries (20.00G) exceeds available HBM (15.75G)".
 _OOM_RES = (
-    re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+[\d.]+[KMGT]?i?B?\s+hbm", re.IGNORECASE),
-    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)i?B?\)\s+exceeds available HBM", re.IGNORECASE),
+    re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.IGNORECASE),
+    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)i?B?\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)i?B?\)",
+               re.IGNORECASE),
 )
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _oom_total(message: str) -> int | None:
-    """Bytes the compiler said the program needs, from its out-of-memory message (None if it is not one)."""
+def _oom_sizes(message: str) -> tuple[int, int] | None:
+    """(bytes the program needs, bytes available) from libtpu's out-of-memory message, else None."""
     for pattern in _OOM_RES:
         m = pattern.search(message)
         if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+            need, unit, avail, avail_unit = m.groups()
+            return int(float(need) * _UNITS[unit.upper()]), int(float(avail) * _UNITS[avail_unit.upper()])
     return None
 
 
@@ -836,9 +831,10 @@ def compile_program(program: Program, mesh: Mesh, topology: Topology, rules,
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - a compile failure is a verdict, not a crash
         msg = str(e)
-        total = _oom_total(msg)
+        sizes = _oom_sizes(msg)
         report = Report(program.name, program.description, topology.name, mesh_text, topology.hbm_bytes,
-                        time.perf_counter() - t0, fits=False, total=total, error=msg)
+                        time.perf_counter() - t0, fits=False, total=sizes and sizes[0],
+                        available=sizes and sizes[1], error=msg)
         return None, report
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -929,11 +925,13 @@ def load_executables(path: str, backend=None) -> dict[str, Callable]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infstar_jax.aot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="config file, optionally :arg (configs/infinity_qwen8b.py:720p)")
+    parser.add_argument("--config", required=True,
+                        help="config file, optionally :arg (configs/infinity_qwen8b.py:720p)")
     parser.add_argument("--topology", required=True, help="TPU topology (v5p:4x4x2) or slice name (v5p-64)")
     parser.add_argument("--mesh", default=None, help="mesh sizes, e.g. fsdp=16,tensor=4 (default: the config's)")
     parser.add_argument("--what", default="all", choices=("train", "sample", "all"))
-    parser.add_argument("--batch", type=int, default=None, help="train rows (default: one per batch shard)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="global train rows (default: the config's train.batch_size)")
     parser.add_argument("--prompts", type=int, default=1, help="sampler prompts (2 rows each)")
     parser.add_argument("--precision", default=None, help="train precision mode (default: the config's)")
     parser.add_argument("--sample-precision", default="infer", help="sampler precision mode (default: infer)")
@@ -941,10 +939,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the serialized executables to this file")
     parser.add_argument("--json", default=None, help="write the reports as JSON to this file")
     parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled program's HLO text here")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # The train CLI's override form (--config.train.batch_size=64) is accepted too, so a launcher can forward it.
+    overrides = list(args.set)
+    for item in rest:
+        if not item.startswith("--config.") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}")
+        overrides.append(item[len("--config."):])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = apply_overrides(with_training_sections(load_config(args.config)), args.set)
+        config = apply_overrides(with_training_sections(load_config(args.config)), overrides)
         reports = run(config, args.topology, mesh=args.mesh, what=args.what, batch=args.batch, prompts=args.prompts,
                       precision=args.precision, sample_precision=args.sample_precision, out=args.out,
                       dump_dir=args.dump_hlo)

@@ -131,7 +131,8 @@ def test_program_too_large_for_hbm_is_reported_not_raised():
     compiled, report = aot.compile_program(program, mesh, topo, ())
     assert compiled is None and not report.fits
     assert report.total is not None and report.total > 16 * GIB, report.error
-    assert report.verdict.startswith("does not fit: over by")
+    assert 15 * GIB < report.available <= 16 * GIB
+    assert report.verdict.startswith("does not fit: needs 20.00 GiB, the compiler has ")
 
 
 def test_verdict_wording():

@@ -128,15 +128,20 @@ def test_kernel_skips_exactly_the_empty_tiles():
     np.testing.assert_array_equal(lazy[0:n, 0:n][~sees], own[~sees])
 
 
-def test_sharded_kernel_equals_oracle():
+@pytest.mark.parametrize("axes,expected", [
+    (dict(data=2, fsdp=2, tensor=2), (("data", "fsdp"), "tensor")),
+    # Sequence (context) shards each take a share of the heads: no device repeats another's attention.
+    (dict(fsdp=2, context=2, tensor=2), (("data", "fsdp"), ("tensor", "context"))),
+])
+def test_sharded_kernel_equals_oracle(axes, expected):
     packing = random_packing(3)
     layout = packing.layout
     n = layout.length
-    q, k, v = qkv(3, 4, n, n)
+    q, k, v = qkv(3, 4, n, n, h=8, hkv=4)
     valid = jnp.broadcast_to(jnp.asarray(packing.key_valid()), (4, n))
-    mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    mesh = parallel.make_mesh(axes)
     with jax.set_mesh(mesh):
-        assert splash.shard_axes(4, 4, 2) == (("data", "fsdp"), "tensor")
+        assert splash.shard_axes(4, 8, 4) == expected
         out = jax.jit(lambda q, k, v: splash.block_sparse_attention(q, k, v, layout, key_valid=valid,
                                                                      max_block=128, interpret=True))(q, k, v)
     np.testing.assert_allclose(out, dense_oracle(q, k, v, layout.dense_mask(), valid), atol=TOL, rtol=TOL)

@@ -150,20 +150,34 @@ def _rules():
 
 
 def shard_axes(b: int, h: int, hkv: int):
-    """(batch axes, head axes) of the current mesh that divide the batch and both head counts, or (None, None)."""
+    """(batch axes, head axes) the kernel is split over under the current mesh, or ``None`` for either.
+
+    Batch rows go over the ``activation_batch`` axes when they divide ``b``. Heads go over the ``activation_heads``
+    axes and, since the kernel reads whole sequences, also over the ``activation_length`` (context) axes: the
+    devices that hold pieces of one sequence each attend with a share of the heads instead of all repeating the
+    same work. Axes are dropped from the end until their product divides both head counts.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None, None
-    spec = logical_to_spec(("activation_batch", "activation_heads"), _rules())
+    spec = logical_to_spec(("activation_batch", "activation_heads", "activation_length"), _rules())
 
-    def keep(axes, *dims):
-        if axes is None:
-            return None
-        tup = (axes,) if isinstance(axes, str) else tuple(axes)
-        size = int(np.prod([mesh.shape[a] for a in tup]))
-        return axes if size > 1 and all(d % size == 0 for d in dims) else None
+    def flat(axes):
+        return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
-    return keep(spec[0], b), keep(spec[1], h, hkv)
+    def size(axes):
+        return int(np.prod([mesh.shape[a] for a in axes]))
+
+    batch = flat(spec[0])
+    batch = batch if size(batch) > 1 and b % size(batch) == 0 else ()
+    heads = tuple(a for a in flat(spec[1]) + flat(spec[2]) if a not in batch and mesh.shape[a] > 1)
+    while heads and (h % size(heads) or hkv % size(heads)):
+        heads = heads[:-1]
+
+    def as_spec(axes):
+        return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+    return as_spec(batch), as_spec(heads)
 
 
 def _run_sharded(body, q, k, v, kv_seg):
