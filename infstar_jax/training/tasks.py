@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import abc
 import importlib
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -152,37 +151,6 @@ class Task(abc.ABC):
 
     def describe(self) -> str:
         return self.name
-
-
-def save_params_all_processes(out_dir: str, params: Any, meta: Mapping[str, Any], *, tag: str) -> None:
-    """``checkpoint.save_params`` (overwriting) that also works with several processes.
-
-    ``checkpoint.save_params`` names its temporary folder with a per-process random suffix, which orbax refuses in
-    a multi-process save; here every process writes the same deterministic temporary folder (``tag``), and process
-    0 publishes it once all are done.
-    """
-    if jax.process_count() == 1:
-        checkpoint.save_params(out_dir, params, meta, overwrite=True)
-        return
-    import orbax.checkpoint.experimental.v1 as ocp1
-    from etils import epath
-    from jax.experimental import multihost_utils
-
-    out = epath.Path(out_dir)
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    if jax.process_index() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            tmp.rmtree()
-    multihost_utils.sync_global_devices(f"export {tmp} prepared")
-    ocp1.save_pytree(tmp / checkpoint.PARAMS_DIR, params)
-    multihost_utils.sync_global_devices(f"export {tmp} written")
-    if jax.process_index() == 0:
-        (tmp / checkpoint.META_FILE).write_text(json.dumps(dict(meta), indent=1, sort_keys=True))
-        if out.exists():
-            out.rmtree()
-        tmp.rename(out)
-    multihost_utils.sync_global_devices(f"export {out} published")
 
 
 def _arch_fields(cfg: TransformerConfig) -> dict[str, Any]:
@@ -316,7 +284,7 @@ class TransformerTask(Task):
         meta = {"kind": "transformer", "config": self.model_cfg.with_precision("fp32").replace(remat="none").to_dict(),
                 "architecture": self.config.model.get("architecture"), "source": "infstar_jax.train",
                 "step": int(state.step), "ema": state.ema_params is not None}
-        save_params_all_processes(out, params, meta, tag=f"step{int(state.step)}")
+        checkpoint.save_params(out, params, meta, overwrite=True)
         return out
 
     def describe(self) -> str:
