@@ -32,6 +32,7 @@ Randomness (posterior noise, SQD draw) comes from ``fold_in(key(seed), step)``: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -151,13 +152,16 @@ class SQDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """Everything static about the train step besides the models, the plan and the optimizer."""
+    """Everything static about the train step besides the models, the plan and the optimizer. ``remat``: recompute
+    the encoder's and the decoder's activations in the backward pass (peak memory of the larger one instead of
+    both)."""
 
     seed: int = 0
     loss: LossConfig = LossConfig()
     sqd: SQDConfig = SQDConfig()
     ema_decay: float = 0.0
     freeze: tuple[str, ...] = ()
+    remat: bool = False
 
 
 @flax.struct.dataclass
@@ -474,6 +478,38 @@ class Models:
     lpips: LPIPS | None = None
 
 
+def step_keys(seed: int, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(posterior-noise key, SQD key)`` of optimizer step ``step``: ``split(fold_in(key(seed), step))``."""
+    k_eps, k_sqd = jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
+    return k_eps, k_sqd
+
+
+def tokenizer_loss(vae_params, video: jax.Array, key: jax.Array | None, kept, *, models: Models, plan: Plan,
+                   loss: LossConfig, disc_params=None, disc_factor=0.0, lpips_params=None, remat: bool = False):
+    """The tokenizer's weighted loss on ``video [B, T, H, W, 3]`` and its parts.
+
+    ``key``: posterior noise (``None`` = posterior mean); ``kept``: scales kept per clip (``None`` = all). Returns
+    ``(total, (terms, bsq_aux, recon))`` with ``terms`` = ``recon_loss``, ``bsq_loss`` and, when active,
+    ``perceptual_loss`` and ``g_loss``; ``recon [B, T, H, W, 3]`` raw.
+    """
+    encode, decode = encode_latent, decode_codes
+    if remat:
+        encode = jax.checkpoint(encode_latent, static_argnums=(0,))
+        decode = jax.checkpoint(decode_codes, static_argnums=(0,))
+    latent = encode(models.vae, vae_params, video, key)
+    q = quantize(latent, plan, kept, loss=loss)
+    recon = decode(models.vae, vae_params, q.summed_codes)
+    terms = {"recon_loss": recon_loss(recon, video, loss.recon_loss_type) * loss.l1_weight,
+             "bsq_loss": q.aux["aux_loss"] * loss.lfq_weight}
+    if models.lpips is not None and loss.perceptual_weight > 0:
+        d = models.lpips.apply({"params": lpips_params}, frames_of(video), frames_of(recon))
+        terms["perceptual_loss"] = jnp.mean(d) * loss.perceptual_weight
+    if models.disc is not None:
+        logits = models.disc.apply({"params": disc_params}, frames_of(recon))
+        terms["g_loss"] = -jnp.mean(logits) * loss.image_gan_weight * disc_factor
+    return sum(terms.values()), (terms, q.aux, recon)
+
+
 def train_step(state: TokenizerState, batch: Mapping[str, jax.Array], lpips_params=None, *, models: Models,
                plan: Plan, tx: optax.GradientTransformation, schedule: optax.Schedule,
                options: StepOptions) -> tuple[TokenizerState, dict[str, jax.Array]]:
@@ -486,30 +522,17 @@ def train_step(state: TokenizerState, batch: Mapping[str, jax.Array], lpips_para
     reconstruction), ``grad_norm`` (trained tokenizer params, before clipping), ``lr``, ``sqd/kept`` and
     ``sqd/dropped`` (this step's draw).
     """
-    lw, k = options.loss, scales_per_clip(plan)
+    lw = options.loss
     video = batch["video"].astype(F32)
-    key = jax.random.fold_in(jax.random.key(options.seed), state.step)
-    k_eps, k_sqd = jax.random.split(key)
-    kept, dropped = draw_kept(k_sqd, options.sqd, k)
+    k_eps, k_sqd = step_keys(options.seed, state.step)
+    kept, dropped = draw_kept(k_sqd, options.sqd, scales_per_clip(plan))
     disc_factor = disc_lib.adopt_weight(state.step, lw.discriminator_iter_start, lw.disc_warmup) \
         if models.disc is not None else jnp.zeros((), F32)
     params = state.params
-
-    def tokenizer_loss(vae_params):
-        latent = encode_latent(models.vae, vae_params, video, k_eps)
-        q = quantize(latent, plan, kept if options.sqd.enabled else None, loss=lw)
-        recon = decode_codes(models.vae, vae_params, q.summed_codes)
-        terms = {"recon_loss": recon_loss(recon, video, lw.recon_loss_type) * lw.l1_weight,
-                 "bsq_loss": q.aux["aux_loss"] * lw.lfq_weight}
-        if models.lpips is not None and lw.perceptual_weight > 0:
-            d = models.lpips.apply({"params": lpips_params}, frames_of(video), frames_of(recon))
-            terms["perceptual_loss"] = jnp.mean(d) * lw.perceptual_weight
-        if models.disc is not None:
-            logits = models.disc.apply({"params": params["disc"]}, frames_of(recon))
-            terms["g_loss"] = -jnp.mean(logits) * lw.image_gan_weight * disc_factor
-        return sum(terms.values()), (terms, q.aux, recon)
-
-    (loss, (terms, aux, recon)), g_vae = jax.value_and_grad(tokenizer_loss, has_aux=True)(params["vae"])
+    loss_fn = functools.partial(tokenizer_loss, video=video, key=k_eps, kept=kept if options.sqd.enabled else None,
+                                models=models, plan=plan, loss=lw, disc_params=params.get("disc"),
+                                disc_factor=disc_factor, lpips_params=lpips_params, remat=options.remat)
+    (loss, (terms, aux, recon)), g_vae = jax.value_and_grad(loss_fn, has_aux=True)(params["vae"])
     grads = {"vae": g_vae}
     metrics = dict(terms, loss=loss, psnr=psnr_batch(recon, video))
     metrics.update({f"bsq/{n}": aux[n] for n in ("commitment", "per_sample_entropy", "codebook_entropy")})
@@ -522,18 +545,19 @@ def train_step(state: TokenizerState, batch: Mapping[str, jax.Array], lpips_para
             d = disc_lib.d_loss(lw.disc_loss_type, real_logits, fake_logits) * lw.image_disc_weight * disc_factor
             return d, (jnp.mean(real_logits), jnp.mean(fake_logits))
 
-        (d, (lr_, lf_)), grads["disc"] = jax.value_and_grad(discriminator_loss, has_aux=True)(params["disc"])
-        metrics.update(d_loss=d, logits_real=lr_, logits_fake=lf_, disc_factor=disc_factor)
+        (d, (real_mean, fake_mean)), grads["disc"] = jax.value_and_grad(discriminator_loss, has_aux=True)(
+            params["disc"])
+        metrics.update(d_loss=d, logits_real=real_mean, logits_fake=fake_mean, disc_factor=disc_factor)
 
     labels = param_labels(params, options.freeze)
     trained = [g for g, l in zip(jax.tree.leaves(grads["vae"]), jax.tree.leaves(labels["vae"])) if l == "vae"]
-    metrics["grad_norm"] = optax.global_norm(trained)
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(F32))) for g in trained))
     updates, opt_state = tx.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     ema = state.ema_params
     if ema is not None:
         d = options.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, new_params["vae"])
-    metrics.update(lr=jnp.asarray(schedule(state.step), F32), **{"sqd/kept": kept.astype(F32),
-                                                                 "sqd/dropped": dropped.astype(F32)})
+    metrics.update({"lr": jnp.asarray(schedule(state.step), F32), "sqd/kept": kept.astype(F32),
+                    "sqd/dropped": dropped.astype(F32)})
     return TokenizerState(state.step + 1, new_params, opt_state, ema), metrics

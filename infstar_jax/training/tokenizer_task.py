@@ -9,7 +9,9 @@ Config sections (``default_config``; every key overridable on the command line):
 * ``vae``: the architecture (``VAEConfig`` fields; default the released widths), ``precision`` (``fp32`` / ``bf16``
   compute; params stay fp32), ``mesh`` (``shape``, optional ``rules``).
 * ``train``: the loop's keys plus ``init_from`` (knowledge inheritance: a converted or exported VAE folder of the
-  same architecture; ``''`` = from scratch) and ``freeze`` (param-path prefixes, e.g. ``("encoder",)``); optimizer
+  same architecture; ``''`` = from scratch, with the encoder's log-variance bias at ``scratch_logvar_bias``) and
+  ``freeze`` (param-path prefixes, e.g. ``("encoder",)``), ``remat`` (recompute the encoder's and decoder's
+  activations in the backward pass); optimizer
   defaults are the reference VAE trainer's (Adam, lr 1e-4, betas 0.9/0.95, clipping at 1.0).
 * ``loss``: ``tokenizer.train.LossConfig`` fields, ``perceptual_weights`` (comma-separated torch/safetensors files
   with LPIPS-VGG16 weights; empty = no perceptual term, which is logged), the discriminator's ``disc_channels``,
@@ -83,14 +85,21 @@ class _VideoBatches(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def _scratch_params(model: VideoVAE, seed: int) -> dict:
-    """Fresh tokenizer params: PyTorch's default conv/linear init (``vae.init_params``) with unit norm gains and a
-    unit latent scale (``init_params`` randomises those for parity tests)."""
+def _scratch_params(model: VideoVAE, seed: int, logvar_bias: float) -> dict:
+    """Fresh tokenizer params: PyTorch's default conv/linear init (``vae.init_params``) with unit norm gains, a unit
+    latent scale (``init_params`` randomises those for parity tests), and the encoder's log-variance outputs biased
+    to ``logvar_bias``: with the default init the posterior noise (std ~1) drowns the mean and training first has to
+    learn to silence it (knowledge inheritance starts from a trained, small variance)."""
     params = init_params(model, seed)["params"]
+    c = model.config.latent_channels
 
     def fix(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return jnp.ones_like(x) if name in ("gamma", "scale") else x
+        names = [str(getattr(p, "key", p)) for p in path]
+        if names[-1] in ("gamma", "scale"):
+            return jnp.ones_like(x)
+        if names[:2] == ["encoder", "conv_out"] and names[-1] == "bias":
+            return x.at[c:].set(logvar_bias)  # channels [mean | logvar] of the encoder output
+        return x
 
     return jax.tree_util.tree_map_with_path(fix, params)
 
@@ -106,7 +115,8 @@ class TokenizerTask(tasks.Task):
         return {
             "vae": vae,
             "mesh": {"shape": {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}},
-            "train": dict(lr=1e-4, b1=0.9, b2=0.95, grad_clip=1.0, weight_decay=0.0, init_from="", freeze=()),
+            "train": dict(lr=1e-4, b1=0.9, b2=0.95, grad_clip=1.0, weight_decay=0.0, init_from="", freeze=(),
+                          scratch_logvar_bias=-6.0, remat=False),
             "loss": dict(loss, perceptual_weights="", disc_channels=64, disc_layers=3, disc_norm="group",
                          disc_lr_multiplier=1.0, disc_grad_clip=1.0),
             "sqd": dict(prob=0.0, drop_weights=()),
@@ -132,7 +142,8 @@ class TokenizerTask(tasks.Task):
         self.sqd = tt.SQDConfig(float(c.sqd.prob), tuple(c.sqd.drop_weights))
         self.freeze = tuple(str(p) for p in c.train.freeze)
         self.options = tt.StepOptions(seed=self.seed, loss=loss_cfg, sqd=self.sqd,
-                                      ema_decay=float(c.train.ema_decay), freeze=self.freeze)
+                                      ema_decay=float(c.train.ema_decay), freeze=self.freeze,
+                                      remat=bool(c.train.remat))
         self.quant = ev.QuantSettings(c.schedule.num_scales, _tuple_or_none(c.schedule.image_rep),
                                       _tuple_or_none(c.schedule.video_rep), c.schedule.detail_scale_min_tokens)
         disc = None
@@ -201,7 +212,8 @@ class TokenizerTask(tasks.Task):
             vae = self._inherit(src)
         else:
             log.info("initialising the tokenizer from scratch")
-            vae = jax.device_put(_scratch_params(self.model, self.seed), self.shardings.params["vae"])
+            vae = jax.device_put(_scratch_params(self.model, self.seed, float(self.config.train.scratch_logvar_bias)),
+                                 self.shardings.params["vae"])
         params = {"vae": vae}
         if self.models.disc is not None:
             params["disc"] = jax.jit(self._disc_init, out_shardings=self.shardings.params["disc"])(
