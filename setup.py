@@ -32,6 +32,8 @@ setup(
             "sentencepiece>=0.2",
             "tokenizers>=0.20",
             "transformers>=4.50",
+            # Ahead-of-time compilation for TPU topologies on a CPU host (tests/test_aot.py); matches jax 0.10.2.
+            "libtpu==0.0.42.1",
         ],
     },
 )
