@@ -24,6 +24,8 @@ MANIFESTS = GOLDEN_DIR / "D_manifests"
 
 
 def manifest_models():
+    if not (MANIFESTS / "manifest_transformer_8b.json").exists():
+        return [("missing", None)]  # a failing case, not a collection error or a silent skip
     out = []
     for name in ("manifest_transformer_8b.json", "manifest_transformer_2b.json"):
         m = json.loads((MANIFESTS / name).read_text())
@@ -39,6 +41,7 @@ def shape_source(shapes):
 
 @pytest.mark.parametrize("name,manifest", manifest_models(), ids=[n for n, _ in manifest_models()])
 def test_released_manifests(name, manifest):
+    assert manifest is not None, f"no transformer manifests under {MANIFESTS} (set INFSTAR_GOLDEN_DIR)"
     if not manifest.get("buildable", True):
         # infinity_v2b (head_dim 126) cannot be built by the reference either (RoPE assertion).
         assert name not in ARCHITECTURES
