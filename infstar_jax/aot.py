@@ -342,22 +342,11 @@ def _model_cfg(config, precision: str | None = None):
     return cfg.with_precision(precision) if precision else cfg
 
 
-def _schedule(config, training: bool) -> schedules.Schedule:
+def _schedule(config) -> schedules.Schedule:
+    """The sampler's schedule for the config's resolution, aspect and duration."""
     s = config.schedule
-    kw = {}
-    if "num_scales" in s:
-        kw["num_scales"] = int(s.num_scales)
-    return schedules.resolve(s.resolution, aspect=s.get("aspect"), duration=s.duration, training=training, **kw)
-
-
-def longest_kept(sched: schedules.Schedule) -> tuple[int, ...]:
-    """Kept scales of the longest sequence the trainer draws for ``sched``: the released var-len outcome with the
-    most tokens (SPEC §7.3), or every scale where the released outcomes do not apply (images, short pyramids)."""
-    try:
-        outcomes = schedules.var_len_outcomes(sched.num_clips, sched.scales_per_clip)
-    except ValueError:
-        return tuple(range(sched.num_scales))
-    return tuple(max(outcomes, key=lambda o: sum(int(np.prod(sched.scales[i])) for i in o)))
+    kw = {"num_scales": int(s.num_scales)} if "num_scales" in s else {}
+    return schedules.resolve(s.resolution, aspect=s.get("aspect"), duration=s.duration, **kw)
 
 
 def sample_programs(config, mesh: Mesh, *, prompts: int = 1, precision: str = "infer") -> list[Program]:
@@ -368,7 +357,7 @@ def sample_programs(config, mesh: Mesh, *, prompts: int = 1, precision: str = "i
 
     cfg = _model_cfg(config, precision)
     rules = config_lib.mesh_rules(config)
-    sched = _schedule(config, training=False)
+    sched = _schedule(config)
     boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))["params"])
     params = parallel.abstract_sharded(boxed, mesh, rules)
     b, rows, lt = prompts, 2 * prompts, cfg.text_maxlen
