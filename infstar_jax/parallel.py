@@ -82,7 +82,14 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices: S
             f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {n}; "
             "use -1 for one axis to fill the rest"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    except NotImplementedError:
+        # Some TPU slice shapes (e.g. v6e 8x8 as fsdp=16 x tensor=4) need logical axes that split physical ones.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(sizes), devices=devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
