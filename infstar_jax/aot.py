@@ -285,16 +285,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def _spec_for(mesh: Mesh, shape: Sequence[int], names: Sequence[str | None], rules) -> P:
     """PartitionSpec of logical ``names``, dropping mesh axes that do not divide the dimension."""
-    spec = parallel.logical_to_spec(names, rules)
-    fixed = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is None:
-            fixed.append(None)
-            continue
-        tup = (axes,) if isinstance(axes, str) else tuple(axes)
-        size = int(np.prod([mesh.shape[a] for a in tup]))
-        fixed.append(axes if dim % size == 0 else None)
-    return P(*fixed)
+    return parallel.fitted_spec(shape, names, mesh, rules)
 
 
 def abstract(shape, dtype, mesh: Mesh, names: Sequence[str | None], rules) -> jax.ShapeDtypeStruct:

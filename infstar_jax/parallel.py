@@ -129,17 +129,23 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules: Sequence[tuple[s
     if mesh.empty:
         return x
     rules = rules if rules is not None else (tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES)
+    return jax.lax.with_sharding_constraint(x, fitted_spec(x.shape, names, mesh, rules))
+
+
+def fitted_spec(shape: Sequence[int], names: Sequence[str | None], mesh,
+                rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+    """PartitionSpec of logical ``names`` for an array of ``shape``, dropping the mesh axes that do not divide their
+    dimension (tiny test shapes, odd sequence lengths, small latents)."""
     spec = logical_to_spec(names, rules)
-    # Drop mesh axes that do not divide the dimension (tiny test shapes, odd sequence lengths).
     fixed = []
-    for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         if axes is None:
             fixed.append(None)
             continue
         tup = (axes,) if isinstance(axes, str) else tuple(axes)
         size = int(np.prod([mesh.shape[a] for a in tup]))
         fixed.append(axes if dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, P(*fixed))
+    return P(*fixed)
 
 
 def init_sharded(init_fn, *args, mesh, rules: Sequence[tuple[str, Any]] | None = None):

@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from infstar_jax.parallel import DEFAULT_RULES, logical_to_spec, param_shardings
+from infstar_jax.parallel import DEFAULT_RULES, fitted_spec, param_shardings
 from infstar_jax.tokenizer.frames import pixels_to_frames
 from infstar_jax.tokenizer.layers import (
     ACTIVATION_NAMES,
@@ -521,12 +521,7 @@ def _chunk_fn(model: VideoVAE, name: str, static: tuple):
 def activation_sharding(mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of a ``B,T,H,W,C`` activation (or conv cache): batch over the data axes, rows over ``context`` (by
     ``rules``), each dropped where it does not divide the dimension (small latents, odd sizes)."""
-    spec = logical_to_spec(ACTIVATION_NAMES, rules)
-    fixed = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        tup = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        fixed.append(axes if tup and dim % math.prod(mesh.shape[a] for a in tup) == 0 else None)
-    return NamedSharding(mesh, P(*fixed))
+    return NamedSharding(mesh, fitted_spec(shape, ACTIVATION_NAMES, mesh, rules))
 
 
 @functools.lru_cache(maxsize=64)
