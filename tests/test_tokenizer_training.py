@@ -10,7 +10,6 @@ against a PyTorch implementation of the reference's network, and initialisation 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -339,11 +338,11 @@ def test_adopt_weight_and_discriminator_losses():
     np.testing.assert_allclose(w, [0, 0, 0, 0, 0.25, 0.5, 0.75, 1, 1])
     np.testing.assert_allclose([float(disc_lib.adopt_weight(s, 2)) for s in range(4)], [0, 0, 1, 1])
     assert float(disc_lib.adopt_weight(100, -1)) == 0
-    real, fake = jnp.array([2.0, 0.5, -1.0]), jnp.array([-2.0, 0.0, 1.5])
-    want = 0.5 * (np.mean(np.maximum(0, 1 - np.array([2, 0.5, -1]))) + np.mean(np.maximum(0, 1 + np.array([-2, 0, 1.5]))))
+    r, f = np.array([2.0, 0.5, -1.0]), np.array([-2.0, 0.0, 1.5])
+    real, fake = jnp.asarray(r), jnp.asarray(f)
+    want = 0.5 * (np.mean(np.maximum(0, 1 - r)) + np.mean(np.maximum(0, 1 + f)))
     np.testing.assert_allclose(float(disc_lib.hinge_d_loss(real, fake)), want, rtol=1e-6)
-    sp = lambda x: np.log1p(np.exp(x))  # noqa: E731
-    want_v = 0.5 * (np.mean(sp(-np.array([2, 0.5, -1]))) + np.mean(sp(np.array([-2, 0, 1.5]))))
+    want_v = 0.5 * (np.mean(np.log1p(np.exp(-r))) + np.mean(np.log1p(np.exp(f))))
     np.testing.assert_allclose(float(disc_lib.vanilla_d_loss(real, fake)), want_v, rtol=1e-6)
 
 
@@ -554,13 +553,11 @@ def _train_cmd(workdir: Path, steps: int) -> list[str]:
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def _losses(workdir: Path) -> dict[int, float]:
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = (rec["loss"], rec["sqd/kept"])
-    return out
+def _losses(workdir: Path) -> dict[int, tuple[float, float]]:
+    """``{step: (loss, kept scales)}`` of a run (a resumed run's re-logged steps replace the killed run's)."""
+    from infstar_jax.training.metrics import read_metrics
+
+    return {int(r["step"]): (r["loss"], r["sqd/kept"]) for r in read_metrics(str(workdir)) if "loss" in r}
 
 
 def _env():

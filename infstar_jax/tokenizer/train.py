@@ -66,7 +66,8 @@ RECON_LOSSES = ("l1", "l2")
 class LossConfig:
     """Loss terms and weights; defaults are the reference's (``utils/arguments.py``,
     ``load_vae_bsq_wan_absorb_patchify.py``), which leave the BSQ terms (``lfq_weight``), the perceptual loss and the
-    discriminator (``image_disc_weight``) off."""
+    discriminator (``image_disc_weight``) off. As in the reference, ``perceptual_weight`` weighs the perceptual loss
+    of images (T = 1) and ``video_perceptual_weight`` that of videos' frames (negative = ``perceptual_weight``)."""
 
     recon_loss_type: str = "l1"
     l1_weight: float = 4.0
@@ -78,6 +79,7 @@ class LossConfig:
     gamma: float = 1.0
     zeta: float = 1.0
     perceptual_weight: float = 0.0
+    video_perceptual_weight: float = -1.0
     image_gan_weight: float = 1.0
     image_disc_weight: float = 0.0
     disc_loss_type: str = "hinge"
@@ -97,6 +99,15 @@ class LossConfig:
     @property
     def use_disc(self) -> bool:
         return self.image_disc_weight > 0
+
+    def perceptual_weight_for(self, num_frames: int) -> float:
+        if num_frames > 1 and self.video_perceptual_weight >= 0:
+            return self.video_perceptual_weight
+        return self.perceptual_weight
+
+    @property
+    def use_perceptual(self) -> bool:
+        return self.perceptual_weight > 0 or self.video_perceptual_weight > 0
 
     def bsq_kwargs(self) -> dict:
         return dict(inv_temperature=self.inv_temperature, commitment_loss_weight=self.commitment_loss_weight,
@@ -396,18 +407,17 @@ def load_lpips_params(paths: Sequence[str]) -> dict:
             arr = np.transpose(arr, (2, 3, 1, 0)) if arr.ndim == 4 else arr  # OIHW -> HWIO
         elif path.startswith("lin_"):
             arr = arr.reshape(-1)
+        parts = path.split("/")
         node = expected
-        for part in path.split("/"):
+        for part in parts:
             node = node[part]
         if tuple(arr.shape) != tuple(node.shape):
             problems.append(f"{key}: shape {tuple(arr.shape)} after conversion, expected {tuple(node.shape)}")
             continue
-        parts = path.split("/")
-        params.setdefault(parts[0], {}) if len(parts) > 1 else None
-        if len(parts) > 1:
-            params[parts[0]][parts[1]] = jnp.asarray(arr)
-        else:
-            params[parts[0]] = jnp.asarray(arr)
+        parent = params
+        for part in parts[:-1]:
+            parent = parent.setdefault(part, {})
+        parent[parts[-1]] = jnp.asarray(arr)
     if problems:
         raise ValueError("the perceptual-loss weights do not fit LPIPS-VGG16:\n  " + "\n  ".join(problems))
     return params
@@ -501,9 +511,10 @@ def tokenizer_loss(vae_params, video: jax.Array, key: jax.Array | None, kept, *,
     recon = decode(models.vae, vae_params, q.summed_codes)
     terms = {"recon_loss": recon_loss(recon, video, loss.recon_loss_type) * loss.l1_weight,
              "bsq_loss": q.aux["aux_loss"] * loss.lfq_weight}
-    if models.lpips is not None and loss.perceptual_weight > 0:
+    weight = loss.perceptual_weight_for(video.shape[1])
+    if models.lpips is not None and weight > 0:
         d = models.lpips.apply({"params": lpips_params}, frames_of(video), frames_of(recon))
-        terms["perceptual_loss"] = jnp.mean(d) * loss.perceptual_weight
+        terms["perceptual_loss"] = jnp.mean(d) * weight
     if models.disc is not None:
         logits = models.disc.apply({"params": disc_params}, frames_of(recon))
         terms["g_loss"] = -jnp.mean(logits) * loss.image_gan_weight * disc_factor

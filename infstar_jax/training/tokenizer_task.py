@@ -20,9 +20,9 @@ Config sections (``default_config``; every key overridable on the command line):
 * ``schedule``: ``num_scales`` (``None`` = from the clip size), ``image_rep``, ``video_rep``,
   ``detail_scale_min_tokens`` (``None`` = release defaults; see ``evaluate.plan_for``).
 * ``data``: ``metadata`` (jsonl file(s)/folder; native or reference format), ``root``, ``pn`` (pixel level the
-  clips are resized to with their h/w template, unless ``schedule.num_scales`` fixes the size), ``video_frames`` (frames of a clip, 16k+1), ``toy`` (> 0 and no
-  metadata: generate that many moving-shapes videos of ``toy_size`` pixels into ``WORKDIR/toy_data``),
-  ``shuffle``, ``num_threads``, ``prefetch``.
+  clips are resized to with their h/w template, unless ``schedule.num_scales`` fixes the size), ``video_frames``
+  (frames of a clip, 16k+1), ``video_fps``, ``toy`` (> 0 and no metadata: generate that many moving-shapes videos
+  of ``toy_size`` pixels into ``WORKDIR/toy_data``), ``shuffle``, ``num_threads``, ``prefetch``.
 * ``eval``: ``every_steps`` (0 = never), held-out ``metadata`` or ``toy`` count (generated with seed
   ``toy_seed``, distinct from the training videos), ``num_videos``, ``batch_size``: PSNR/SSIM per number of kept
   scales logged as ``eval/psnr_k{k}``, ``eval/ssim_k{k}`` (EMA weights if kept).
@@ -151,17 +151,19 @@ class TokenizerTask(tasks.Task):
             disc = disc_lib.PatchDiscriminator(disc_lib.DiscConfig(int(c.loss.disc_channels), int(c.loss.disc_layers),
                                                                    str(c.loss.disc_norm)), dtype=dtype)
         lpips, self.lpips_params = None, None
-        if loss_cfg.perceptual_weight > 0:
+        if loss_cfg.use_perceptual:
             paths = [p.strip() for p in str(c.loss.perceptual_weights).split(",") if p.strip()]
             if not paths:
-                log.warning("loss.perceptual_weight=%g but loss.perceptual_weights is empty: no perceptual-loss "
-                            "backbone weights, so the perceptual term is OFF", loss_cfg.perceptual_weight)
+                log.warning("loss.perceptual_weight=%g / video_perceptual_weight=%g but loss.perceptual_weights is "
+                            "empty: no perceptual-loss backbone weights, so the perceptual term is OFF",
+                            loss_cfg.perceptual_weight, loss_cfg.video_perceptual_weight)
             else:
                 lpips = tt.LPIPS(dtype=dtype)
                 self.lpips_params = jax.device_put(tt.load_lpips_params(paths), NamedSharding(mesh, P()))
-                log.info("perceptual loss: LPIPS-VGG16 from %s, weight %g", paths, loss_cfg.perceptual_weight)
+                log.info("perceptual loss: LPIPS-VGG16 from %s, weights %g (images) / %g (videos)", paths,
+                         loss_cfg.perceptual_weight, loss_cfg.perceptual_weight_for(2))
         else:
-            log.info("perceptual loss off (loss.perceptual_weight=0)")
+            log.info("perceptual loss off (loss.perceptual_weight and video_perceptual_weight are 0)")
         self.models = tt.Models(self.model, disc, lpips)
 
         t = c.train
@@ -375,8 +377,7 @@ class TokenizerTask(tasks.Task):
                 "step": int(jax.device_get(state.step)), "ema": state.ema_params is not None,
                 "quantization": self.quant.to_dict(), "sqd": {"prob": self.sqd.prob,
                                                               "drop_weights": list(self.sqd.drop_weights)}}
-        params = jax.device_get(self.eval_params(state))
-        checkpoint.save_params(out, params, meta, overwrite=True)
+        checkpoint.save_params(out, self.eval_params(state), meta, overwrite=True)
         return out
 
     def describe(self) -> str:
