@@ -1,7 +1,9 @@
 """Shared pieces of the launchers: the command runner (with ``--dry-run``), the train command, code packaging.
 
 Launchers never import jax: they only build and run shell commands. Every command is printed (``+ cmd``) before it
-runs; with ``--dry-run`` nothing runs and each command is printed once, in order.
+runs; with ``--dry-run`` nothing runs and each command is printed once, in order, except the TPU launcher's
+compiled-ahead check (``aot_check``), which creates nothing and runs here in a dry run too: its table and verdict are
+printed as ``#`` lines.
 """
 
 from __future__ import annotations
@@ -69,6 +71,36 @@ def wait_all(procs) -> int:
                 q.terminate()
         raise
     return rc
+
+
+def aot_command(args, topology: str, python: str = sys.executable) -> list[str]:
+    """``python -m infstar_jax.aot``: the train step compiled ahead of time for ``topology`` with the run's config and
+    overrides (the trainer's ``--config.KEY=VALUE`` form, which the AOT tool accepts)."""
+    return [python, "-m", "infstar_jax.aot", "--config", args.config, "--topology", topology, "--what", "train",
+            *args.overrides]
+
+
+def aot_check(sh: Shell, args, topology: str) -> None:
+    """Compiles the train step for the requested slice on this machine before anything is created (also in a dry
+    run: it only needs libtpu here, no TPU) and prints its table and verdict as ``#`` lines. Stops the launch when the
+    step does not fit a chip's memory or does not compile; ``--skip-aot`` skips the check."""
+    cmd = aot_command(args, topology)
+    sh.show(cmd, note="compiled-ahead check for the slice (runs here, also in a dry run)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        print(f"# {line}", file=sh.out, flush=True)
+    if proc.returncode == 0:
+        print(f"# aot verdict: the train step compiles for {topology} and fits each chip's memory", file=sh.out,
+              flush=True)
+        return
+    if proc.returncode == 3:
+        raise SystemExit(f"aot verdict: the train step does not fit {topology} (or did not compile; table above). Use "
+                         "a larger slice, another mesh (--config.mesh.shape...), a smaller batch or more remat; "
+                         "--skip-aot launches anyway")
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    raise SystemExit(f"the compiled-ahead check failed (exit code {proc.returncode}):\n{tail}\n"
+                     "fix the configuration, or pass --skip-aot to launch without the check")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

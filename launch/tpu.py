@@ -4,8 +4,11 @@ on ``--worker=all`` with ``jax.distributed.initialize()`` (``--multihost``).
     python launch/tpu.py --name my-v5p --zone us-east5-a --accelerator v5p-64 \\
         --config configs/infinity_qwen8b.py --workdir gs://BUCKET/runs/8b-ft --config.train.init_from=gs://BUCKET/8b
 
-Steps (each printed; ``--dry-run`` prints them without running anything):
+Steps (each printed; ``--dry-run`` prints them without running anything but step 0):
 
+0. The compiled-ahead check (``python -m infstar_jax.aot --topology ACCELERATOR --what train``, on this machine
+   with libtpu; no TPU needed): the train step compiled for the slice, its per-chip memory table and a verdict. A
+   step that does not fit stops the launch before any VM exists. ``--skip-aot`` skips it.
 1. ``gcloud compute tpus tpu-vm describe`` the slice; if it does not exist, ``create`` it (``--spot`` for spot
    capacity). ``--reuse`` skips both (the slice must exist).
 2. Package the working tree with ``tar`` and ``scp`` it to every worker (``--worker=all``).
@@ -56,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="the slice exists: do not describe/create it")
     p.add_argument("--skip-install", action="store_true", help="the code is already installed on the workers")
     p.add_argument("--detach", action="store_true", help="run under nohup and return (log: ~/infstar-train.log)")
+    p.add_argument("--skip-aot", action="store_true", help="skip the compiled-ahead check of the train step")
     p.add_argument("--exclude", action="append", default=[], help="tar --exclude pattern for packaging (repeatable)")
     common.add_train_arguments(p)
     return p
@@ -71,6 +75,8 @@ def gcloud(args, *verb: str) -> list[str]:
 def main(argv=None) -> int:
     args = common.parse(parser(), argv)
     sh = common.Shell(args.dry_run)
+    if not args.skip_aot:
+        common.aot_check(sh, args, args.accelerator)
     if not args.reuse:
         exists = sh.run(gcloud(args, "describe", args.name) + ["--format=value(state)"], check=False, quiet=True,
                         note="does the slice exist?")

@@ -1,5 +1,6 @@
 """The launchers' ``--dry-run``: every command printed, in order, with the right flags; nothing executed."""
 
+import importlib.util
 import shlex
 import subprocess
 import sys
@@ -12,13 +13,19 @@ pytestmark = pytest.mark.training
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dry_run(script, *args):
-    """Runs ``python launch/SCRIPT --dry-run ARGS`` in a subprocess; returns its printed commands as argv lists."""
+def dry_run(script, *args, comments: list | None = None, timeout: int = 60):
+    """Runs ``python launch/SCRIPT --dry-run ARGS`` in a subprocess; returns its printed commands as argv lists (the
+    ``#`` lines, the compiled-ahead check's report, go to ``comments``)."""
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--dry-run", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
-    assert lines and len(lines) == len(proc.stdout.splitlines())
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("# ")]
+    assert lines and len(lines) + len(notes) == len(proc.stdout.splitlines())
+    if comments is not None:
+        comments.extend(notes)
+    else:
+        assert not notes, notes
     return [shlex.split(line[2:].split("    # ")[0]) for line in lines]
 
 
@@ -30,7 +37,7 @@ def _inner(cmd):
 
 def test_tpu_dry_run():
     cmds = dry_run("tpu.py", "--name", "pod", "--zone", "us-east5-a", "--project", "proj", "--accelerator", "v5p-64",
-                   "--spot", "--config", "configs/toy.py", "--workdir", "gs://bucket/run", "--env", "A=1",
+                   "--spot", "--skip-aot", "--config", "configs/toy.py", "--workdir", "gs://bucket/run", "--env", "A=1",
                    "--config.train.lr=1e-4", "--config.data.cache=gs://bucket/cache")
     describe, create, tar, scp, install, train = cmds
     base = ["gcloud", "compute", "tpus", "tpu-vm"]
@@ -53,12 +60,37 @@ def test_tpu_dry_run():
 
 
 def test_tpu_dry_run_reuse_and_detach():
-    cmds = dry_run("tpu.py", "--name", "pod", "--zone", "z", "--reuse", "--skip-install", "--detach",
+    cmds = dry_run("tpu.py", "--name", "pod", "--zone", "z", "--reuse", "--skip-install", "--detach", "--skip-aot",
                    "--config", "configs/toy.py", "--workdir", "gs://b/r")
     assert len(cmds) == 1
     remote = cmds[0][-1]
     assert remote.startswith("--command=nohup bash -c ") and remote.endswith("> ~/infstar-train.log 2>&1 &")
     assert "--multihost" in remote
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the [test] extra)")
+def test_tpu_dry_run_prints_the_aot_verdict_first():
+    notes = []
+    cmds = dry_run("tpu.py", "--name", "pod", "--zone", "z", "--accelerator", "v5e-4", "--config", "configs/toy.py",
+                   "--workdir", "gs://b/r", "--config.train.lr=1e-4", comments=notes, timeout=300)
+    aot = cmds[0]
+    assert aot[1:] == ["-m", "infstar_jax.aot", "--config", "configs/toy.py", "--topology", "v5e-4", "--what", "train",
+                       "--config.train.lr=1e-4"]
+    assert [c[4] for c in cmds[1:3]] == ["describe", "create"]  # the check comes before any VM
+    rows = [n for n in notes if n.startswith("# | train_step |")]
+    assert len(rows) == 1 and "| v5e:2x2 |" in rows[0] and "| fits (" in rows[0]
+    assert notes[-1].startswith("# aot verdict: the train step compiles for v5e-4 and fits")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the [test] extra)")
+def test_tpu_launch_stops_when_the_step_does_not_fit():
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "tpu.py"), "--dry-run", "--name", "pod", "--zone",
+                           "z", "--accelerator", "v5e-4", "--config", "configs/toy.py", "--workdir", "gs://b/r",
+                           "--config.train.batch_size=20000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "does not fit v5e-4" in proc.stderr
+    assert "| does not fit: needs" in proc.stdout
+    assert "gcloud" not in proc.stdout  # nothing about the slice was even printed
 
 
 def test_gpu_dry_run(tmp_path):
