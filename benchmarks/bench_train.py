@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--mesh", default="fsdp=-1", help="mesh sizes, e.g. fsdp=2 or data=2,fsdp=4 (default fsdp=-1)")
     p.add_argument("--rows-per-device", type=int, default=1, help="examples per device per step (default 1)")
     p.add_argument("--remat", default="full", help="remat policy (default full, as the release)")
+    p.add_argument("--remat-by-length", default="",
+                   help="remat policy per packed length, e.g. 20000:none (longer steps: --remat)")
     p.add_argument("--precision", default="train", help="precision mode (default train: bf16 compute, fp32 weights)")
     p.add_argument("--text", type=int, default=256, help="text tokens per example (default 256)")
     p.add_argument("--lengths", default="all", help="outcome indices to run, e.g. 0,2,5 (default all)")
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     label = "small" if args.small else args.model
     print(f"# {label}: {cfg.num_params() / 1e6:,.1f} M params, {n_dev} x "
           f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}, {rows} rows/step, precision {args.precision}, "
-          f"remat {args.remat}, text {args.text}")
+          f"remat {args.remat}{' (' + args.remat_by_length + ')' if args.remat_by_length else ''}, text {args.text}")
     print(f"# command: python {' '.join(sys.argv)}")
     print("| model | devices | visual tokens | packed tokens | step s | tokens/s | MFU | compile s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
     results = {}
     with jax.set_mesh(mesh):
         state, shardings = state_lib.create_sharded(lambda: init_params(cfg, jax.random.key(0))["params"], tx, mesh)
-        train = step_lib.TrainStep(cfg, tx, schedule, step_lib.StepOptions(seed=0), mesh, shardings)
+        train = step_lib.TrainStep(cfg, tx, schedule, step_lib.StepOptions(seed=0), mesh, shardings,
+                                   remat_by_length=step_lib.parse_remat_by_length(args.remat_by_length))
         for i in chosen:
             shape = batching.step_shape(opts, sched, outs[i], args.text, rows)
             host = synthetic_batch(shape, opts, args.text, seed=i)

@@ -18,6 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"architecture": "infinity_qwen8b", "overrides": {}})
     c.precision = "train"
     c.remat = "full"
+    # Per packed length: "MAX_TOKENS:POLICY,..." (e.g. "20000:none"); longer steps use `remat`.
+    c.remat_by_length = ""
     c.mesh = ml_collections.ConfigDict(
         {"shape": {"data": 1, "fsdp": -1, "context": 1, "tensor": 1}, "rules": [list(r) for r in DEFAULT_RULES]}
     )

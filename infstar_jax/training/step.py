@@ -40,7 +40,7 @@ from infstar_jax.tokenizer import multiscale
 from infstar_jax.training.batching import StepShape
 from infstar_jax.training.state import TrainState
 from infstar_jax.transformer import loss as loss_lib
-from infstar_jax.transformer.config import TransformerConfig
+from infstar_jax.transformer.config import REMAT_POLICIES, TransformerConfig
 from infstar_jax.transformer.model import Transformer
 
 DEVICE_KEYS = ("latent", "text", "uncond_rows", "key_valid", "positions", "repeat_idx", "flip_probs", "row_weight")
@@ -167,18 +167,46 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, shape: Step
         return TrainState(state.step + 1, params, opt_state, ema), metrics
 
 
+def parse_remat_by_length(text: str) -> tuple[tuple[int, str], ...]:
+    """``"20000:none,32000:dots"`` -> ``((20000, "none"), (32000, "dots"))`` (bounds increasing; ``""`` = none)."""
+    out = []
+    for part in filter(None, (p.strip() for p in str(text or "").split(","))):
+        bound, sep, policy = part.partition(":")
+        if not sep or not bound.strip().isdigit() or policy.strip() not in REMAT_POLICIES:
+            raise ValueError(f"remat_by_length {text!r}: expected MAX_TOKENS:POLICY pairs separated by commas, policy "
+                             f"one of {', '.join(REMAT_POLICIES)}; got {part!r}")
+        out.append((int(bound), policy.strip()))
+    if any(a[0] >= b[0] for a, b in zip(out, out[1:])):
+        raise ValueError(f"remat_by_length {text!r}: the token bounds must increase")
+    return tuple(out)
+
+
 class TrainStep:
     """``step(state, shape, batch) -> (state, metrics)``: one ``jax.jit`` per distinct ``StepShape`` (cached),
-    state donated, params/optimizer state kept on ``state_shardings``, batch rows over the batch mesh axes."""
+    state donated, params/optimizer state kept on ``state_shardings``, batch rows over the batch mesh axes.
+
+    ``remat_by_length`` (``parse_remat_by_length``) picks the remat policy per packed length: the first pair whose
+    bound is >= the step's length applies, longer steps use ``model_cfg.remat``. Short packed sequences leave memory
+    unused, and recomputing their forward pass costs a third of the step.
+    """
 
     def __init__(self, model_cfg: TransformerConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 options: StepOptions, mesh, state_shardings, rules=None):
+                 options: StepOptions, mesh, state_shardings, rules=None,
+                 remat_by_length: tuple[tuple[int, str], ...] = ()):
         self.model = Transformer(model_cfg)
+        self.remat_by_length = tuple((int(n), Transformer(model_cfg.replace(remat=p))) for n, p in remat_by_length)
         self.tx, self.schedule, self.options = tx, schedule, options
         self.mesh, self.state_shardings = mesh, state_shardings
         self.rules = tuple(rules or parallel.DEFAULT_RULES)
         self.batch_sharding = NamedSharding(mesh, parallel.logical_to_spec(("activation_batch",), self.rules))
         self._compiled: dict[StepShape, Any] = {}
+
+    def model_for(self, length: int) -> Transformer:
+        """The model (remat policy) used for packed sequences of ``length`` tokens."""
+        for bound, model in self.remat_by_length:
+            if length <= bound:
+                return model
+        return self.model
 
     @property
     def num_compiled(self) -> int:
@@ -187,7 +215,7 @@ class TrainStep:
     def function(self, shape: StepShape):
         fn = self._compiled.get(shape)
         if fn is None:
-            f = functools.partial(train_step, shape=shape, model=self.model, tx=self.tx, schedule=self.schedule,
+            f = functools.partial(train_step, shape=shape, model=self.model_for(shape.length), tx=self.tx, schedule=self.schedule,
                                   options=self.options, rules=self.rules)
             replicated = NamedSharding(self.mesh, P())
             fn = jax.jit(f, in_shardings=(self.state_shardings, self.batch_sharding),

@@ -208,7 +208,8 @@ class TransformerTask(Task):
                                                                   ema=self.ema)
         self._step = step_lib.TrainStep(self.model_cfg, self.tx, self.schedule,
                                         step_lib.StepOptions(self.seed, int(t.grad_accum), float(t.ema_decay)),
-                                        mesh, self.shardings, self.rules)
+                                        mesh, self.shardings, self.rules,
+                                        step_lib.parse_remat_by_length(config.get("remat_by_length", "")))
         self._source = None
 
     def _init_params(self):
