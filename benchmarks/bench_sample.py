@@ -14,9 +14,12 @@ chunked) are timed separately. Peak device memory is ``memory_stats()["peak_byte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
+
+_MESH_CONTEXT = contextlib.ExitStack()
 
 CASES = {
     "480p_video": dict(resolution="480p", duration=5),
@@ -34,6 +37,12 @@ def main():
     ap.add_argument("--small", action="store_true", help="tiny model and pyramid (CPU smoke check)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--latent-frames-per-chunk", type=int, default=4)
+    ap.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                    help="shard the prompts over N devices (mesh data=N; weights replicated); --batch is global")
+    ap.add_argument("--layer-loop", default=None, choices=("layers", "scan"),
+                    help="sampler layer loop (default: the backend's, layers on GPU)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="trace one more AR loop into DIR and print its device-time summary (profile_summary.py)")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/infstar_jax/xla"))
     args = ap.parse_args()
 
@@ -76,7 +85,21 @@ def main():
     text = jax.random.normal(jax.random.key(1), (b, args.text_len, cfg.text_dim), jnp.float32)
     lengths = jnp.full((b,), args.text_len - 3, jnp.int32)
     keys = jax.random.split(jax.random.key(2), b)
-    sampler = Sampler(cfg, params, sched, guidance)
+    mesh = None
+    if args.data_parallel > 1:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from infstar_jax import parallel
+
+        if b % args.data_parallel:
+            raise SystemExit(f"--batch {b} must be a multiple of --data-parallel {args.data_parallel}")
+        mesh = parallel.make_mesh({"data": args.data_parallel})
+        rows = NamedSharding(mesh, P("data"))
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+        text, lengths, keys = (jax.device_put(x, rows) for x in (text, lengths, keys))
+        _MESH_CONTEXT.enter_context(jax.set_mesh(mesh))
+    sampler = Sampler(cfg, params, sched, guidance, layer_loop=args.layer_loop, donate_params=True)
+    del params
 
     def ar():
         res = sampler.run(text, lengths, keys=keys)
@@ -92,14 +115,24 @@ def main():
         res = ar()
         times.append(time.time() - t0)
     ar_s = statistics.median(times)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     peak_ar = stats.get("peak_bytes_in_use", 0) / 2**30
+    if args.profile:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from profile_summary import summarize
+
+        jax.profiler.start_trace(args.profile)
+        ar()
+        jax.profiler.stop_trace()
+        print(summarize(args.profile), flush=True)
 
     dec_s, peak_dec = float("nan"), float("nan")
     if not args.no_decode:
         vae = VideoVAE(VAEConfig(block_out_channels=widths), dtype=jnp.bfloat16)
         variables = jax.device_put(vae_init(vae, seed=0))
-        runner = ChunkedVAE(vae, latent_frames_per_chunk=args.latent_frames_per_chunk)
+        runner = ChunkedVAE(vae, latent_frames_per_chunk=args.latent_frames_per_chunk, mesh=mesh)
         frames = runner.decode(variables, res.summed_codes, frames=True)
         jax.block_until_ready(frames)
         dts = []
@@ -111,6 +144,7 @@ def main():
         dec_s = statistics.median(dts)
         peak_dec = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
         print(f"# frames {tuple(frames.shape)}", flush=True)
+    print(f"# layer loop: {sampler.layer_loop}")
     print("| case | batch | AR loop s | decode s | total s | per video s | peak GiB (AR / incl. decode) | device |")
     print(f"| {args.case} | {b} | {ar_s:.2f} | {dec_s:.3f} | {ar_s + dec_s:.2f} | {(ar_s + dec_s) / b:.2f} | "
           f"{peak_ar:.1f} / {peak_dec:.1f} | {jax.devices()[0].device_kind} |", flush=True)

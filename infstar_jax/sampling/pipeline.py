@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infstar_jax import checkpoint, schedules
-from infstar_jax.sampling.sampler import GuidanceConfig, SampleResult, Sampler
+from infstar_jax.sampling.sampler import GuidanceConfig, SampleResult, Sampler, default_layer_loop, split_layers
 from infstar_jax.tokenizer import multiscale
 from infstar_jax.tokenizer.vae import ChunkedVAE, load_vae
 from infstar_jax.transformer.config import TransformerConfig
@@ -109,6 +109,8 @@ class Generator:
         cfg = TransformerConfig.from_dict(meta["config"]).with_precision(precision)
         params = checkpoint.load_params(parts["transformer"], kind="transformer")
         params = _cast_params(params, cfg)
+        if default_layer_loop() == "layers":  # split once here, not at every generate call
+            params = split_layers(params, donate=True)
         model, variables = load_vae(parts["vae"], dtype=vae_dtype)
         text_encoder = None
         if "text_encoder" in parts:
