@@ -53,7 +53,7 @@ def main():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     from infstar_jax import schedules
-    from infstar_jax.sampling.sampler import GuidanceConfig, Sampler
+    from infstar_jax.sampling.sampler import GuidanceConfig, Sampler, default_layer_loop
     from infstar_jax.tokenizer.vae import ChunkedVAE, VAEConfig, VideoVAE, init_params as vae_init
     from infstar_jax.transformer.config import architecture
     from infstar_jax.transformer.model import init_params
@@ -73,9 +73,19 @@ def main():
     guidance = GuidanceConfig("apg", float(rel["cfg"]), float(rel["apg_norm_threshold"]))
 
     t0 = time.time()
-    params = jax.jit(lambda k: jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
-                                            init_params(cfg, k)["params"],
-                                            is_leaf=lambda x: hasattr(x, "value")))(jax.random.key(0))
+    unbox = lambda t: jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, t,  # noqa: E731
+                                   is_leaf=lambda x: hasattr(x, "value"))
+    if (args.layer_loop or default_layer_loop()) == "layers":
+        # Per-layer weights born separately (as the pipeline sends them), so that the device never holds the
+        # stacked copy and the split one at once: the peak memory below is the sampler's.
+        one = cfg.replace(depth=1)
+        init_one = jax.jit(lambda k: unbox(init_params(one, k)["params"]))
+        params = init_one(jax.random.key(0))
+        first = jax.tree.map(lambda x: x[0], params.pop("blocks"))
+        params["layers"] = [first] + [jax.tree.map(lambda x: x[0], init_one(jax.random.key(i))["blocks"])
+                                      for i in range(1, cfg.depth)]
+    else:
+        params = jax.jit(lambda k: unbox(init_params(cfg, k)["params"]))(jax.random.key(0))
     jax.block_until_ready(params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"# {args.case}: {n_params / 1e9:.3f} B params initialised in {time.time() - t0:.1f} s; "

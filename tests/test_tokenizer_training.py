@@ -545,7 +545,8 @@ def _train_cmd(workdir: Path, steps: int) -> list[str]:
     overrides = {
         "train.steps": steps, "train.batch_size": 2, "train.warmup_steps": 0, "train.lr_schedule": "constant",
         "data.toy": 6, "data.video_frames": 1, "data.toy_size": 48, "schedule.num_scales": 3,
-        "schedule.image_rep": "(1,2,1)", "schedule.detail_scale_min_tokens": 4, "eval.every_steps": 0,
+        "schedule.image_rep": "(1,2,1)", "schedule.video_rep": "(1,1,1)",
+        "schedule.detail_scale_min_tokens": 4, "eval.every_steps": 0,
         "checkpoint.every_steps": 2, "checkpoint.max_to_keep": 20, "log.every_steps": 1, "log.progress": False,
         "vae.block_out_channels": "(4,8,8,8,8)", "vae.layers_per_block": 1, "sqd.prob": 0.5,
     }

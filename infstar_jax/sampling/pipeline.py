@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infstar_jax import checkpoint, schedules
-from infstar_jax.sampling.sampler import GuidanceConfig, SampleResult, Sampler, default_layer_loop, split_layers
+from infstar_jax.sampling.sampler import GuidanceConfig, SampleResult, Sampler, default_layer_loop
 from infstar_jax.tokenizer import multiscale
 from infstar_jax.tokenizer.vae import ChunkedVAE, load_vae
 from infstar_jax.transformer.config import TransformerConfig
@@ -108,9 +108,7 @@ class Generator:
         meta = checkpoint.read_meta(parts["transformer"])
         cfg = TransformerConfig.from_dict(meta["config"]).with_precision(precision)
         params = checkpoint.load_params(parts["transformer"], kind="transformer")
-        params = _cast_params(params, cfg)
-        if default_layer_loop() == "layers":  # split once here, not at every generate call
-            params = split_layers(params, donate=True)
+        params = _device_params(params, cfg, split=default_layer_loop() == "layers")
         model, variables = load_vae(parts["vae"], dtype=vae_dtype)
         text_encoder = None
         if "text_encoder" in parts:
@@ -185,9 +183,18 @@ def posterior_noise(keys: jax.Array, latent_shape: Sequence[int]) -> jax.Array:
     return jax.vmap(draw)(keys)
 
 
-def _cast_params(params, cfg: TransformerConfig):
-    """Block weights to the config's storage dtype (bf16 in ``infer``: the reference's ``block.bfloat16()``, RNE)."""
+def _device_params(params, cfg: TransformerConfig, *, split: bool):
+    """Host params -> the default device, block weights in the config's storage dtype (bf16 in ``infer``: the
+    reference's ``block.bfloat16()``, RNE). With ``split`` the stacked blocks are cut into per-layer buffers on the
+    host and sent layer by layer (``sampler.split_layers``' form), so that the device holds the weights once."""
     bdt = cfg.jnp_block_param_dtype
-    out = dict(params)
-    out["blocks"] = jax.tree.map(lambda x: jnp.asarray(x, bdt), params["blocks"])
-    return jax.tree.map(jnp.asarray, out)
+    device = jax.devices()[0]
+    out = {k: jax.device_put(v, device) for k, v in params.items() if k != "blocks"}
+    blocks = params["blocks"]
+    if not split:
+        out["blocks"] = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, bdt), blocks), device)
+        return out
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    out["layers"] = [jax.device_put(jax.tree.map(lambda x: np.asarray(x[i]).astype(bdt), blocks), device)
+                     for i in range(depth)]
+    return out
