@@ -123,10 +123,11 @@ def spatial_pyramid(template: float, num_scales: int | str = 15) -> list[tuple[i
     return list(table[_check_template(template)][: _check_num_scales(num_scales)])
 
 
-def pixel_hw(template: float, num_scales: int | str) -> tuple[int, int]:
-    """Output video size (H, W) in pixels: 16 x the last used pair."""
+def pixel_hw(template: float, num_scales: int | str, stride: int = SPATIAL_STRIDE) -> tuple[int, int]:
+    """Output video size (H, W) in pixels: ``stride`` (the tokenizer's pixels per latent position, 16 for the
+    release) x the last used pair."""
     ph, pw = spatial_pyramid(template, num_scales)[-1]
-    return ph * SPATIAL_STRIDE, pw * SPATIAL_STRIDE
+    return ph * stride, pw * stride
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from infstar_jax import schedules
 from infstar_jax.data import metadata as md
 from infstar_jax.data import video as vid
 
@@ -196,11 +197,11 @@ class FillReport:
     failed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-def _decode_for_cache(sample: md.Sample, pn, rule: md.DurationRule):
+def _decode_for_cache(sample: md.Sample, pn, rule: md.DurationRule, stride: int = schedules.SPATIAL_STRIDE):
     """-> (sample with resolved duration, clip, real duration) or a (reason, message) failure tuple."""
     try:
         if sample.kind == "image":
-            return sample, vid.load_image(sample.path, pn), None
+            return sample, vid.load_image(sample.path, pn, stride), None
         info = None
         if sample.sample_frames is None:
             info = vid.probe(sample.path)
@@ -209,7 +210,8 @@ def _decode_for_cache(sample: md.Sample, pn, rule: md.DurationRule):
                 return reason, f"{sample.origin}: {info.duration:.3f}s of video"
             sample = resolved
         clip = vid.load_clip(sample.path, sample.sample_frames, pn, video_fps=rule.video_fps,
-                             begin_frame_id=sample.begin_frame_id, start_s=sample.start_s, info=info)
+                             begin_frame_id=sample.begin_frame_id, start_s=sample.start_s, info=info,
+                             stride=stride)
         return sample, clip, real_duration(sample, clip.info.duration)
     except vid.VideoError as e:
         return e.reason, f"{sample.origin}: {e}"
@@ -239,6 +241,7 @@ def fill_cache(
     cache: TokenCache | str | os.PathLike,
     *,
     pn: int | str,
+    spatial_stride: int = schedules.SPATIAL_STRIDE,
     rule: md.DurationRule = md.DurationRule(duration_resolution=0.25),
     text_rule: md.DurationRule = md.DurationRule(),
     append_duration: bool = True,
@@ -256,6 +259,7 @@ def fill_cache(
       encode_text_fn: ``caption -> features [len, D]`` (T5, the kept rows), or ``None`` to store no text.
       cache: a ``TokenCache`` or its root.
       pn: pixel level or number of scales (frame size).
+      spatial_stride: the encoding tokenizer's pixels per latent position (16 for the release's VAE).
       rule: duration rule for native entries whose duration is read from the file (same as the metadata's).
       text_rule / append_duration: the training duration mapping used for the cached caption's ``<<<t=Ns>>>``.
       process_index / process_count: this process's share is every ``process_count``-th unique key (default: JAX).
@@ -294,13 +298,13 @@ def fill_cache(
     threads = max(1, decode_threads)
     todo_iter = iter(todo)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        pending = collections.deque(pool.submit(_decode_for_cache, s, pn, rule)
+        pending = collections.deque(pool.submit(_decode_for_cache, s, pn, rule, spatial_stride)
                                     for s in itertools.islice(todo_iter, 2 * threads))
         while pending:
             result = pending.popleft().result()
             nxt = next(todo_iter, None)
             if nxt is not None:
-                pending.append(pool.submit(_decode_for_cache, nxt, pn, rule))
+                pending.append(pool.submit(_decode_for_cache, nxt, pn, rule, spatial_stride))
             bar.update(1)
             if len(result) == 2:
                 reason, message = result

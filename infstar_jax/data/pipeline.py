@@ -130,6 +130,7 @@ class DataOptions:
     """Options shared by the raw-video and the token-cache pipelines.
 
     pn: pixel level ("0.40M") or number of scales; fixes the frame size with each video's h/w template.
+    spatial_stride: the tokenizer's pixels per latent position (16 for the release's VAE).
     rule: duration mapping (training: 1 s resolution, 81 frames at 16 fps).
     short_prob / dynamic_length / append_duration: the caption rule (SPEC §7.1).
     seed: shuffling and caption randomness. shuffle: shuffle each epoch. num_epochs: ``None`` = repeat forever
@@ -139,6 +140,7 @@ class DataOptions:
     """
 
     pn: int | str = "0.40M"
+    spatial_stride: int = schedules.SPATIAL_STRIDE
     rule: md.DurationRule = md.DurationRule()
     short_prob: float = prompts.DEFAULT_SHORT_PROB
     dynamic_length: bool = True
@@ -248,7 +250,7 @@ def decode_sample(sample: md.Sample, rng: np.random.Generator, options: DataOpti
     """
     try:
         if sample.kind == "image":
-            clip = vid.load_image(sample.path, options.pn)
+            clip = vid.load_image(sample.path, options.pn, options.spatial_stride)
             duration = 0.0
         else:
             info = None
@@ -259,7 +261,8 @@ def decode_sample(sample: md.Sample, rng: np.random.Generator, options: DataOpti
                     return Skipped(reason, sample.origin, f"{info.duration:.3f}s of video in {sample.path}")
                 sample = resolved
             clip = vid.load_clip(sample.path, sample.sample_frames, options.pn, video_fps=options.rule.video_fps,
-                                 begin_frame_id=sample.begin_frame_id, start_s=sample.start_s, info=info)
+                                 begin_frame_id=sample.begin_frame_id, start_s=sample.start_s, info=info,
+                                 stride=options.spatial_stride)
             duration = float(sample.mapped_duration)
         caption = md.training_caption(sample, rng, short_prob=options.short_prob,
                                       dynamic_length=options.dynamic_length, append_duration=options.append_duration)

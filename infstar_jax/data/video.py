@@ -228,11 +228,12 @@ def to_signed_unit(images: np.ndarray) -> np.ndarray:
     return (x + x) - np.float32(1)
 
 
-def target_size(height: int, width: int, pn: int | str) -> tuple[float, tuple[int, int]]:
+def target_size(height: int, width: int, pn: int | str,
+                stride: int = schedules.SPATIAL_STRIDE) -> tuple[float, tuple[int, int]]:
     """``(template, (tgt_h, tgt_w))`` for frames of ``height x width``: the nearest h/w template's pixel size at the
-    pixel level ``pn`` (e.g. "0.40M", or a number of scales)."""
+    pixel level ``pn`` (e.g. "0.40M", or a number of scales) for a tokenizer of spatial ``stride``."""
     template = schedules.nearest_template(height / width)
-    return template, schedules.pixel_hw(template, pn)
+    return template, schedules.pixel_hw(template, pn, stride)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,16 +250,17 @@ class Clip:
     info: VideoInfo
 
 
-def transform_frames(frames: np.ndarray, pn: int | str) -> tuple[float, np.ndarray]:
+def transform_frames(frames: np.ndarray, pn: int | str,
+                     stride: int = schedules.SPATIAL_STRIDE) -> tuple[float, np.ndarray]:
     """``[T, H, W, 3] uint8`` RGB -> ``(template, [T, tgt_h, tgt_w, 3] float32 in [-1, 1])``."""
-    template, (tgt_h, tgt_w) = target_size(frames.shape[1], frames.shape[2], pn)
+    template, (tgt_h, tgt_w) = target_size(frames.shape[1], frames.shape[2], pn, stride)
     out = np.stack([resize_crop(f, tgt_h, tgt_w) for f in frames])
     return template, to_signed_unit(out)
 
 
 def load_clip(path: str, sample_frames: int, pn: int | str, *, video_fps: float = schedules.FPS,
               begin_frame_id: int | None = None, start_s: float | None = None,
-              info: VideoInfo | None = None) -> Clip:
+              info: VideoInfo | None = None, stride: int = schedules.SPATIAL_STRIDE) -> Clip:
     """Reads ``sample_frames`` frames of a video with the reference's rules and transforms them.
 
     Args:
@@ -269,6 +271,7 @@ def load_clip(path: str, sample_frames: int, pn: int | str, *, video_fps: float 
       begin_frame_id: the reference's start, in frames of the container's frame rate.
       start_s: alternatively the start in seconds (native metadata); default 0.
       info: a ``probe`` result to reuse.
+      stride: the tokenizer's pixels per latent position (16 for the release), with ``pn`` the target size.
     Returns:
       a ``Clip``. Raises a ``VideoError`` subclass for a missing, unreadable, truncated or too short video.
     """
@@ -279,11 +282,11 @@ def load_clip(path: str, sample_frames: int, pn: int | str, *, video_fps: float 
     start, end = clip_window(info, start, sample_frames, video_fps)
     indices = frame_indices(info.fps, info.num_frames, start, end, sample_frames)
     raw = read_frames(path, indices)
-    template, frames = transform_frames(raw, pn)
+    template, frames = transform_frames(raw, pn, stride)
     return Clip(frames=frames, indices=indices, template=template, info=info)
 
 
-def load_image(path: str, pn: int | str) -> Clip:
+def load_image(path: str, pn: int | str, stride: int = schedules.SPATIAL_STRIDE) -> Clip:
     """Reads an image (converted to RGB) as a one-frame clip ``[1, tgt_h, tgt_w, 3] float32``."""
     from PIL import Image, UnidentifiedImageError
 
@@ -294,5 +297,5 @@ def load_image(path: str, pn: int | str) -> Clip:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise VideoUnreadableError(path, f"cannot read as an image ({type(e).__name__}: {e})") from e
     info = VideoInfo(path=path, fps=1.0, num_frames=1, height=rgb.shape[0], width=rgb.shape[1])
-    template, frames = transform_frames(rgb[None], pn)
+    template, frames = transform_frames(rgb[None], pn, stride)
     return Clip(frames=frames, indices=np.zeros((1,), np.int64), template=template, info=info)

@@ -131,17 +131,19 @@ class QuantSettings:
                    detail_scale_min_tokens=d.get("detail_scale_min_tokens"))
 
 
-def plan_for(frames: int, height: int, width: int, q: QuantSettings = QuantSettings()
+def plan_for(frames: int, height: int, width: int, q: QuantSettings = QuantSettings(),
+             stride: int = schedules.SPATIAL_STRIDE
              ) -> tuple[schedules.Schedule, Plan]:
     """The schedule and quantisation plan of clips of ``frames x height x width`` pixels.
 
     The h/w template is the nearest to ``height / width``; the number of scales per clip is the one whose pixel
-    size equals the frame size (or ``q.num_scales``, which must then give that size). Repetitions and the
+    size (latent size x ``stride``, the tokenizer's pixels per latent position) equals the frame size (or
+    ``q.num_scales``, which must then give that size). Repetitions and the
     detail-head threshold default to the release's (480p for up to 14 scales, 720p for 15) or, for truncated
     pyramids, image ``[3]*N`` / video ``[3]*(N-2)+[2,1]``.
     """
     template = schedules.nearest_template(height / width)
-    sizes = {n: schedules.pixel_hw(template, n) for n in range(1, len(schedules.SCALE_SIDES) + 1)}
+    sizes = {n: schedules.pixel_hw(template, n, stride) for n in range(1, len(schedules.SCALE_SIDES) + 1)}
     if q.num_scales is None:
         fits = [n for n, hw in sizes.items() if hw == (height, width)]
         if not fits:
@@ -241,7 +243,8 @@ def list_videos(folder: str) -> list[str]:
     return paths
 
 
-def load_clips(paths: Sequence[str], frames: int, pn: int | str, limit: int | None = None) -> np.ndarray:
+def load_clips(paths: Sequence[str], frames: int, pn: int | str, limit: int | None = None,
+               stride: int = schedules.SPATIAL_STRIDE) -> np.ndarray:
     """The first ``frames`` frames (at 16 fps) of each video, resized/cropped to the template size at pixel level
     ``pn``: ``[N, T, H, W, 3] float32`` in [-1, 1]. Unreadable or too short videos are skipped with a warning; clips
     of another size than the first are refused (one table covers one size)."""
@@ -252,7 +255,7 @@ def load_clips(paths: Sequence[str], frames: int, pn: int | str, limit: int | No
         if limit is not None and len(out) >= limit:
             break
         try:
-            clip = vid.load_clip(p, frames, pn)
+            clip = vid.load_clip(p, frames, pn, stride=stride)
         except vid.VideoError as e:
             log.warning("skipping %s: %s", p, e)
             continue
@@ -265,7 +268,7 @@ def load_clips(paths: Sequence[str], frames: int, pn: int | str, limit: int | No
     return np.stack(out)
 
 
-def _size_for(folder_paths: Sequence[str], pn) -> int | str:
+def _size_for(folder_paths: Sequence[str], pn, stride: int = schedules.SPATIAL_STRIDE) -> int | str:
     """A pixel level for the first video: the given ``pn``, else the number of scales whose pixel size equals the
     video's own size."""
     if pn is not None:
@@ -275,7 +278,7 @@ def _size_for(folder_paths: Sequence[str], pn) -> int | str:
     info = vid.probe(folder_paths[0])
     template = schedules.nearest_template(info.height / info.width)
     for n in range(len(schedules.SCALE_SIDES), 0, -1):
-        if schedules.pixel_hw(template, n) == (info.height, info.width):
+        if schedules.pixel_hw(template, n, stride) == (info.height, info.width):
             return n
     raise ValueError(f"{folder_paths[0]} is {info.width}x{info.height}, not the size of a scale pyramid; pass --pn "
                      "(a pixel level such as 0.40M or a number of scales) to resize the clips")
@@ -322,11 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    if args.detail_scale_min_tokens is not None
                                                    else saved.detail_scale_min_tokens))
         paths = list_videos(args.videos)
-        pn = _size_for(paths, args.pn if args.pn is not None else saved.num_scales)
-        clips = load_clips(paths, args.frames, pn, args.num)
-        _, t, h, w, _ = clips.shape
-        sched, plan = plan_for(t, h, w, q)
         model, variables = load_vae(ckpt, dtype=jnp.bfloat16 if args.dtype == "bf16" else F32)
+        stride = model.config.spatial_factor
+        pn = _size_for(paths, args.pn if args.pn is not None else saved.num_scales, stride)
+        clips = load_clips(paths, args.frames, pn, args.num, stride)
+        _, t, h, w, _ = clips.shape
+        sched, plan = plan_for(t, h, w, q, stride)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -311,7 +311,7 @@ class TokenizerTask(tasks.Task):
         if int(t.batch_size) % n_proc:
             raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the {n_proc} processes")
         samples = self._samples(d.metadata, int(d.toy), int(d.toy_seed), "train")
-        options = pl.DataOptions(pn=self._pn(), rule=self._rule(), seed=self.seed, shuffle=bool(d.shuffle),
+        options = pl.DataOptions(pn=self._pn(), spatial_stride=self.vae_cfg.spatial_factor, rule=self._rule(), seed=self.seed, shuffle=bool(d.shuffle),
                                  batch_size=int(t.batch_size) // n_proc, num_threads=int(d.num_threads),
                                  prefetch=int(d.prefetch))
         clip = int(d.clip_frames)
@@ -327,7 +327,7 @@ class TokenizerTask(tasks.Task):
         """The quantisation plan of clips of ``video_shape = (B, T, H, W, 3)`` (cached per shape)."""
         key = tuple(video_shape[1:4])
         if key not in self._plans:
-            sched, plan = ev.plan_for(*key, self.quant)
+            sched, plan = ev.plan_for(*key, self.quant, self.vae_cfg.spatial_factor)
             if self.sqd.enabled:
                 self.sqd.drop_probs(tt.scales_per_clip(plan))  # fail fast on weights the schedule cannot take
             log.info("clips of %dx%dx%d: %d scales per clip %s, repetitions %s", *key, sched.scales_per_clip,
@@ -378,7 +378,7 @@ class TokenizerTask(tasks.Task):
             samples = self._samples(e.metadata, int(e.toy), int(e.toy_seed), "heldout").samples
             paths = [s.path for s in samples if s.kind == "video"]
             self._eval_clips = ev.load_clips(paths, int(self.config.data.video_frames), self._pn(),
-                                             int(e.num_videos))
+                                             int(e.num_videos), self.vae_cfg.spatial_factor)
             log.info("held-out set: %d clips of %s", len(self._eval_clips), self._eval_clips.shape[1:])
         return self._eval_clips
 
