@@ -1,8 +1,10 @@
 """The toy main job: a tiny transformer trained from the token cache of the moving-shapes toy data on CPU.
 
-Data: ``python -m infstar_jax.data.toy --out DATA --num N --frames 17 --size 64x64`` (1 s clips, 1:1), encoded with
-the toy tokenizer (spatial stride 16: 4x4 latents of 64 channels) and the tiny text encoder below into a token
-cache; then ``python -m infstar_jax.train --config configs/toy.py --workdir RUN --config.data.cache=CACHE``.
+The whole job is one command, ``python -m infstar_jax.toy --workdir RUN`` (``infstar_jax/toy.py``): toy data
+(``python -m infstar_jax.data.toy --out DATA --num N --frames 17 --size 32x32``: 1 s clips, 1:1) encoded with the toy
+tokenizer (``configs/toy_tokenizer.py``, spatial stride 8: 4x4 latents of 64 channels) and the tiny text encoder
+below into a token cache; then ``python -m infstar_jax.train --config configs/toy.py --workdir RUN
+--config.data.cache=CACHE``.
 
 Schedule: 4 scales per clip (1, 2, 3, 4 latent pixels a side, 1:1), 17 frames = 5 latent frames = the image clip
 plus one 4-frame clip: 8 scales, 150 visual tokens, repetitions image [3]*4, video [3, 3, 2, 1]; scales of 9 or
