@@ -82,6 +82,7 @@ def test_tpu_dry_run_prints_the_aot_verdict_first():
     assert notes[-1].startswith("# aot verdict: the train step compiles for v5e-4 and fits")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the [test] extra)")
 def test_tpu_launch_stops_when_the_step_does_not_fit():
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "tpu.py"), "--dry-run", "--name", "pod", "--zone",
