@@ -1,6 +1,7 @@
 """The toy main job (``python -m infstar_jax.toy``) end to end with very short runs: every stage's output exists
 and is readable, and a re-run skips the finished stages."""
 
+import os
 import subprocess
 import sys
 
@@ -13,9 +14,11 @@ pytestmark = [pytest.mark.training, pytest.mark.slow]
 
 
 def _run(workdir):
+    # One CPU device, as on a user's machine (the test session simulates 8, which the toy batch of 2 cannot split).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-m", "infstar_jax.toy", "--workdir", str(workdir), "--videos", "6",
                            "--tokenizer-steps", "2", "--transformer-steps", "2", "--prompt", "a red circle moving right"],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800, env=env)
 
 
 def test_toy_main_job_writes_videos_and_a_contact_sheet(tmp_path):
