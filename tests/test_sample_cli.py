@@ -60,6 +60,7 @@ def test_writes_mp4s_that_pyav_reads_back(ckpt, tmp_path):
     assert "a blue square" in (out / "prompts.txt").read_text()
 
 
+@pytest.mark.slow  # not a must-show; keeps the default suite under 15 min on 2 cores
 def test_image_mode_writes_png(ckpt, tmp_path):
     from PIL import Image
 

@@ -242,6 +242,7 @@ def test_few_steps_reduce_the_loss_and_gradients_reach_the_encoder(image_plan, s
     assert after < 0.8 * before, (before, after, losses)
 
 
+@pytest.mark.slow  # not a must-show; keeps the default suite under 15 min on 2 cores
 def test_freezing_the_encoder(image_plan):
     options = tt.StepOptions(seed=0, freeze=("encoder",))
     models, tx, step = make_step(image_plan, options)
@@ -346,6 +347,7 @@ def test_adopt_weight_and_discriminator_losses():
     np.testing.assert_allclose(float(disc_lib.vanilla_d_loss(real, fake)), want_v, rtol=1e-6)
 
 
+@pytest.mark.slow  # not a must-show; keeps the default suite under 15 min on 2 cores
 def test_discriminator_starts_training_at_its_iteration(image_plan):
     loss = tt.LossConfig(image_disc_weight=1.0, discriminator_iter_start=2)
     options = tt.StepOptions(seed=0, loss=loss)
@@ -454,6 +456,7 @@ def test_ssim_and_psnr_match_direct_formulas():
         ev.ssim(jnp.zeros((1, 8, 30, 3)), jnp.zeros((1, 8, 30, 3)))
 
 
+@pytest.mark.slow  # not a must-show; keeps the default suite under 15 min on 2 cores
 def test_evaluate_command_prints_the_per_scale_table(tmp_path, capsys):
     model, params = tiny_model()
     ckpt = tmp_path / "tok"

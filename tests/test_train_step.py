@@ -195,6 +195,7 @@ def _assert_trees_close(a, b, atol):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # not a must-show; keeps the default suite under 15 min on 2 cores
 def test_accumulation_placeholders_and_ema():
     mesh = parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):

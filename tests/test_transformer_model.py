@@ -46,7 +46,7 @@ def test_every_param_has_logical_axis_names():
     assert tuple(specs["blocks"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
 
 
-@pytest.mark.parametrize("policy", [p if p in ("full", "attn_out") else pytest.param(p, marks=pytest.mark.slow)
+@pytest.mark.parametrize("policy", [p if p == "full" else pytest.param(p, marks=pytest.mark.slow)
                                     for p in REMAT_POLICIES if p != "none"])
 def test_remat_policies_give_identical_gradients(policy):
     packing, x = inputs()
