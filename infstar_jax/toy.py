@@ -111,16 +111,21 @@ def make_data(workdir: Path, num: int) -> Path:
     return meta
 
 
-def train_tokenizer(workdir: Path, meta: Path, steps: int | None) -> Path:
+def _train(config, run: Path, export_name: str, what: str) -> Path:
+    """Trains ``config`` in ``run`` unless its export exists (an interrupted run resumes); returns the export."""
     from infstar_jax.training import loop
 
-    config = _with_steps(_config("toy_tokenizer.py", {"data.metadata": str(meta), "data.toy": 0}), steps)
-    run = workdir / "tokenizer"
-    export = run / "export" / "vae"
+    export = run / "export" / export_name
     if not (export / "infstar.json").exists():
-        log.info("stage 2/5: training the toy tokenizer in %s", run)
+        log.info("training the toy %s in %s", what, run)
         loop.run(config, str(run))
     return export
+
+
+def train_tokenizer(workdir: Path, meta: Path, steps: int | None) -> Path:
+    log.info("stage 2/5: the toy tokenizer")
+    config = _with_steps(_config("toy_tokenizer.py", {"data.metadata": str(meta), "data.toy": 0}), steps)
+    return _train(config, workdir / "tokenizer", "vae", "tokenizer")
 
 
 def fill_cache(workdir: Path, meta: Path, vae_dir: Path, text_encoder) -> Path:
@@ -154,15 +159,9 @@ def fill_cache(workdir: Path, meta: Path, vae_dir: Path, text_encoder) -> Path:
 
 
 def train_transformer(workdir: Path, cache: Path, steps: int | None) -> Path:
-    from infstar_jax.training import loop
-
+    log.info("stage 4/5: the toy transformer")
     config = _with_steps(_config("toy.py", {"data.cache": str(cache)}), steps)
-    run = workdir / "transformer"
-    export = run / "export" / "transformer"
-    if not (export / "infstar.json").exists():
-        log.info("stage 4/5: training the toy transformer in %s", run)
-        loop.run(config, str(run))
-    return export
+    return _train(config, workdir / "transformer", "transformer", "transformer")
 
 
 def sample(workdir: Path, transformer_dir: Path, vae_dir: Path, text_encoder, prompts, seed: int) -> dict:

@@ -21,8 +21,7 @@ Config sections (``default_config``; every key overridable on the command line):
   ``detail_scale_min_tokens`` (``None`` = release defaults; see ``evaluate.plan_for``).
 * ``data``: ``metadata`` (jsonl file(s)/folder; native or reference format), ``root``, ``pn`` (pixel level the
   clips are resized to with their h/w template, unless ``schedule.num_scales`` fixes the size), ``video_frames``
-  (frames of a clip, 16k+1), ``clip_frames`` (0 = train on whole clips; 4k+1 = on a window of that many frames
-  of each, its start fixed by the sample key and seed; evaluation always sees whole clips), ``video_fps``, ``toy`` (> 0 and no metadata: generate that many moving-shapes videos
+  (frames of a clip, 16k+1), ``video_fps``, ``toy`` (> 0 and no metadata: generate that many moving-shapes videos
   of ``toy_size`` pixels into ``WORKDIR/toy_data``), ``shuffle``, ``num_threads``, ``prefetch``.
 * ``eval``: ``every_steps`` (0 = never), held-out ``metadata`` or ``toy`` count (generated with seed
   ``toy_seed``, distinct from the training videos), ``num_videos``, ``batch_size``: PSNR/SSIM per number of kept
@@ -35,7 +34,6 @@ import dataclasses
 import functools
 import logging
 import os
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,33 +68,15 @@ def _tuple_or_none(v):
     return None if v is None else tuple(int(x) for x in v)
 
 
-def window_start(key: str, seed: int, num_frames: int, clip_frames: int) -> int:
-    """First frame of the ``clip_frames`` window taken from a ``num_frames`` clip: uniform over the valid starts,
-    fixed by the sample's key and the run's seed (so a resumed run, which replays the same batches, crops the same)."""
-    if clip_frames > num_frames:
-        raise ValueError(f"data.clip_frames={clip_frames} is longer than the {num_frames}-frame clips")
-    h = zlib.crc32(f"{seed}:{key}".encode())
-    return h % (num_frames - clip_frames + 1)
-
-
 class _VideoBatches(grain.DatasetIterator):
-    """Host batches ``{"video": [B, T, H, W, 3] float32}`` of a ``video_pipeline``; state = the pipeline's.
+    """Host batches ``{"video": [B, T, H, W, 3] float32}`` of a ``video_pipeline``; state = the pipeline's."""
 
-    ``clip_frames > 0`` trains on a window of that many frames of each clip (``window_start``)."""
-
-    def __init__(self, parent: grain.DatasetIterator, skipped: pl.SkipCounter, clip_frames: int = 0, seed: int = 0):
+    def __init__(self, parent: grain.DatasetIterator, skipped: pl.SkipCounter):
         super().__init__(parent)
         self.skipped = skipped
-        self.clip_frames, self.seed = clip_frames, seed
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
-        video = batch["video"]
-        n = self.clip_frames
-        if n <= 0 or n == video.shape[1]:
-            return {"video": video}
-        starts = [window_start(str(k), self.seed, video.shape[1], n) for k in batch["key"]]
-        return {"video": np.stack([v[s:s + n] for v, s in zip(video, starts)])}
+        return {"video": next(self._parent)["video"]}
 
     def get_state(self):
         return self._parent.get_state()
@@ -143,8 +123,8 @@ class TokenizerTask(tasks.Task):
             "schedule": dict(num_scales=config_dict.placeholder(int), image_rep=config_dict.placeholder(tuple),
                              video_rep=config_dict.placeholder(tuple),
                              detail_scale_min_tokens=config_dict.placeholder(int)),
-            "data": dict(metadata="", format="auto", root="", pn="0.40M", video_frames=81, clip_frames=0, video_fps=16,
-                         toy=0, toy_size=64, toy_seed=0, shuffle=True, num_threads=2, prefetch=2),
+            "data": dict(metadata="", format="auto", root="", pn="0.40M", video_frames=81, video_fps=16, toy=0,
+                         toy_size=64, toy_seed=0, shuffle=True, num_threads=2, prefetch=2),
             "eval": dict(every_steps=0, metadata="", toy=0, toy_seed=1, num_videos=16, batch_size=4),
         }
 
@@ -314,13 +294,8 @@ class TokenizerTask(tasks.Task):
         options = pl.DataOptions(pn=self._pn(), spatial_stride=self.vae_cfg.spatial_factor, rule=self._rule(), seed=self.seed, shuffle=bool(d.shuffle),
                                  batch_size=int(t.batch_size) // n_proc, num_threads=int(d.num_threads),
                                  prefetch=int(d.prefetch))
-        clip = int(d.clip_frames)
-        tf = self.vae_cfg.temporal_factor
-        if clip < 0 or (clip and (clip - 1) % tf):
-            raise ValueError(f"data.clip_frames={clip}: expected 0 (whole clips) or {tf}k+1 frames (the VAE's "
-                             f"temporal compression is {tf})")
         pipe = pl.video_pipeline(samples, options)
-        return _VideoBatches(iter(pipe), pipe.skipped, clip, self.seed)
+        return _VideoBatches(iter(pipe), pipe.skipped)
 
     # -- step -------------------------------------------------------------------------------------------------------
     def plan(self, video_shape) -> Any:
