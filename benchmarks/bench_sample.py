@@ -125,6 +125,7 @@ def main():
         res = ar()
         times.append(time.time() - t0)
     ar_s = statistics.median(times)
+    print(f"# AR loop runs: {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
     stats = jax.local_devices()[0].memory_stats() or {}
     peak_ar = stats.get("peak_bytes_in_use", 0) / 2**30
     if args.profile:

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per device (default: by device kind)")
     p.add_argument("--small", action="store_true", help="tiny model and schedule: a CPU smoke run")
+    p.add_argument("--profile", metavar="DIR", help="trace the timed steps of the first length into DIR and print "
+                   "the per-op summary (benchmarks/profile_summary.py)")
     return p.parse_args(argv)
 
 
@@ -134,11 +136,19 @@ def main(argv=None) -> int:
                 for _ in range(args.warmup):
                     state, m = train(state, shape, batch)
                 jax.block_until_ready(m)
+                tracing = args.profile and not results
+                if tracing:
+                    jax.profiler.start_trace(args.profile)
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     state, m = train(state, shape, batch)
                 jax.block_until_ready(m)
                 step_s = (time.perf_counter() - t0) / args.steps
+                if tracing:
+                    jax.profiler.stop_trace()
+                    from profile_summary import summarize
+
+                    print(summarize(args.profile), flush=True)
             except Exception as e:  # noqa: BLE001 - report OOM and go on with the next length
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                     raise

@@ -59,10 +59,21 @@ def summarize(path: str, top: int = 30) -> str:
             total = sum(e.duration_ns for e in events) / 1e9
             lines_out.append(f"# {plane.name} line {line.name!r}: {len(events)} events, {total:.3f} s busy")
             if line.name == "XLA Modules":
-                lines_out.append("| # | module | ms |")
-                lines_out.append("|---|---|---|")
-                for i, e in enumerate(events):
-                    lines_out.append(f"| {i} | {e.name[:60]} | {e.duration_ns / 1e6:.2f} |")
+                if len(events) <= 60:
+                    lines_out.append("| # | module | ms |")
+                    lines_out.append("|---|---|---|")
+                    for i, e in enumerate(events):
+                        lines_out.append(f"| {i} | {e.name[:60]} | {e.duration_ns / 1e6:.2f} |")
+                else:  # many programs (one per layer and step): totals per program
+                    per = collections.Counter()
+                    n = collections.Counter()
+                    for e in events:
+                        per[e.name[:60]] += e.duration_ns
+                        n[e.name[:60]] += 1
+                    lines_out.append("| module | runs | s |")
+                    lines_out.append("|---|---|---|")
+                    for name, ns in per.most_common(top):
+                        lines_out.append(f"| {name} | {n[name]} | {ns / 1e9:.3f} |")
             if line.name == "XLA Ops" or line.name.startswith("Stream"):
                 by_kind = collections.Counter()
                 by_name = collections.Counter()
