@@ -74,3 +74,35 @@ def test_precision_modes(mode):
     assert d16.dtype == jnp.float32  # heads are fp32 in every mode
     err = np.abs(np.asarray(d16) - np.asarray(d32)).max() / np.abs(np.asarray(d32)).max()
     assert 0 < err < 0.05
+
+
+def test_mixed_precision_casts_block_kernels_once_outside_the_layer_loop():
+    """train precision: the layer scan receives bf16 kernels (one cast of the stacked weights, none per layer), and
+    the gradients are those of running on the pre-cast kernels, converted to fp32 once (the per-layer cast gave the
+    same values: a cast's gradient is a convert wherever it sits)."""
+    packing, x = inputs()
+    cfg = CFG.with_precision("train").replace(remat="full")
+    params = nn.unbox(init_params(cfg, jax.random.key(3))["params"])
+    loss = lambda p: loss_of(cfg, p, packing, x)  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+
+    def scans(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn
+            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+                yield from scans(sub)
+
+    up = params["blocks"]["mlp"]["up_proj"]["kernel"]
+    operands = [v.aval for e in scans(jaxpr) for v in e.invars if hasattr(v, "aval")]
+    assert any(a.shape == up.shape and a.dtype == jnp.bfloat16 for a in operands)
+    assert not any(a.shape == up.shape and a.dtype == jnp.float32 for a in operands)
+    g = jax.jit(jax.grad(loss))(params)
+    is_kernel = lambda path, _: getattr(path[-1], "key", None) == "kernel"  # noqa: E731
+    pre = jax.tree_util.tree_map_with_path(lambda pth, a: a.astype(jnp.bfloat16) if is_kernel(pth, a) else a,
+                                           params["blocks"])
+    g_pre = jax.jit(jax.grad(lambda b: loss(dict(params, blocks=b))))(pre)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g["blocks"])[0], jax.tree.leaves(g_pre)):
+        assert a.dtype == jnp.float32, path
+        b = np.asarray(b.astype(jnp.float32))  # equal up to fp32 summation order
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=str(path))

@@ -104,7 +104,7 @@ PRECISION_MODES = {
     "infer": dict(dtype="bfloat16", residual_dtype="bfloat16", block_param_dtype="bfloat16"),
 }
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out", "dots_attn")
 
 
 def _arch(depth, c, heads, kv_heads=None, mlp_ratio=4.0, head_dim=None, bias=False):

@@ -160,14 +160,40 @@ class Block(nn.Module):
         return h, kv
 
 
+# Primitives whose outputs are the attention kernels' forward results (output and softmax statistics): cuDNN's fused
+# attention on GPU, the Pallas splash kernel on TPU. The XLA attention (CPU) is plain dots.
+ATTENTION_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd", "pallas_call"})
+
+
+def _attention_saveable(prim, *_, **__) -> bool:
+    return prim.name in ATTENTION_PRIMITIVES
+
+
 def _remat_policy(name: str):
+    """``full`` recomputes the block; ``dots`` saves matmul outputs; ``attn_out`` saves only the attention kernel's
+    forward results (its recomputation is the costliest part of a long sequence's block); ``dots_attn`` both."""
     cp = jax.checkpoint_policies
     return {
         "full": cp.nothing_saveable,
         "dots": cp.checkpoint_dots,
         "dots_no_batch": cp.checkpoint_dots_with_no_batch_dims,
-        "attn_out": cp.save_only_these_names("attn_out"),
+        "attn_out": _attention_saveable,
+        "dots_attn": cp.save_from_both_policies(cp.checkpoint_dots, _attention_saveable),
     }[name]
+
+
+def _cast_kernels(dtype):
+    """``trans_in_fn`` of ``nn.map_variables``: block matmul kernels in the compute dtype, other leaves as stored."""
+
+    def cast(variables):
+        def one(path, x):
+            if getattr(path[-1], "key", None) == "kernel" and hasattr(x, "astype") and x.dtype != dtype:
+                return x.astype(dtype)
+            return x
+
+        return jax.tree_util.tree_map_with_path(one, variables)
+
+    return cast
 
 
 class Transformer(nn.Module):
@@ -192,14 +218,20 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             # `layout` (4th argument after self) is static Python data.
             block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=False, static_argnums=(4,))
-        self.blocks = nn.scan(
+        blocks = nn.scan(
             block,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg)
+        )
+        if cfg.jnp_dtype != cfg.jnp_block_param_dtype and not self.is_initializing():
+            # Mixed precision (fp32 weights, bf16 matmuls): cast the stacked kernels once, outside the layer loop, as
+            # the same values each layer would cast. The backward then carries bf16 weight gradients through the
+            # loop and converts them once; remat does not recast; under FSDP the layers gather bf16 weights.
+            blocks = nn.map_variables(blocks, "params", trans_in_fn=_cast_kernels(cfg.jnp_dtype))
+        self.blocks = blocks(cfg)
         self.norm_hidden_sates = RMSNorm(cfg.norm_eps, F32)
         self.head = Linear((cfg.embed_dim,), (2 * cfg.detail_bits,), ("embed", "bits"), use_bias=True)
         self.semantic_head2 = Linear((cfg.embed_dim,), (2 * cfg.semantic_bits,), ("embed", "bits"), use_bias=True)
