@@ -7,4 +7,9 @@ def get_config(arg: str = "480p"):
     c = base_config()
     c.model.architecture = "infinity_qwen2_2b"
     c.schedule.resolution = arg
+    # Measured on one H200 (docs/benchmarks.md, 40 % MFU on the released packing mix): steps of up to 30,000 packed
+    # tokens keep matmul and attention outputs, longer ones only the attention outputs. With less memory per device
+    # lower the bound (or drop it: `--config.remat_by_length=`).
+    c.remat = "attn_out"
+    c.remat_by_length = "30000:dots_attn"
     return c
