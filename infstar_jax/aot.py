@@ -333,13 +333,6 @@ def _model_cfg(config, precision: str | None = None):
     return cfg.with_precision(precision) if precision else cfg
 
 
-def _schedule(config) -> schedules.Schedule:
-    """The sampler's schedule for the config's resolution, aspect and duration."""
-    s = config.schedule
-    kw = {"num_scales": int(s.num_scales)} if "num_scales" in s else {}
-    return schedules.resolve(s.resolution, aspect=s.get("aspect"), duration=s.duration, **kw)
-
-
 def sample_programs(config, mesh: Mesh, *, prompts: int = 1, precision: str = "infer") -> list[Program]:
     """The sampler's text step and its largest visual step (most query tokens; ties: most cached keys)."""
     from infstar_jax.sampling import sampler as sampler_lib
@@ -348,7 +341,7 @@ def sample_programs(config, mesh: Mesh, *, prompts: int = 1, precision: str = "i
 
     cfg = _model_cfg(config, precision)
     rules = config_lib.mesh_rules(config)
-    sched = _schedule(config)
+    sched = config_lib.sampling_schedule(config)
     boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))["params"])
     params = parallel.abstract_sharded(boxed, mesh, rules)
     b, rows, lt = prompts, 2 * prompts, cfg.text_maxlen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from infstar_jax import schedules
 from infstar_jax.parallel import DEFAULT_RULES
 from infstar_jax.transformer.config import TransformerConfig, architecture
 
@@ -37,3 +38,15 @@ def transformer_config(c: ml_collections.ConfigDict) -> TransformerConfig:
 
 def mesh_rules(c: ml_collections.ConfigDict) -> tuple:
     return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in c.mesh.rules)
+
+
+SCHEDULE_OVERRIDES = ("num_scales", "image_rep", "video_rep", "semantic_scales", "detail_scale_min_tokens")
+
+
+def sampling_schedule(c: ml_collections.ConfigDict) -> schedules.Schedule:
+    """The sampler's schedule of a config: ``schedule.resolution`` / ``aspect`` / ``duration`` with whichever of
+    ``SCHEDULE_OVERRIDES`` the section sets (tiny pyramids such as ``configs/toy.py``'s)."""
+    s = c.schedule
+    kw = {k: (tuple(s[k]) if isinstance(s[k], (list, tuple)) else int(s[k])) for k in SCHEDULE_OVERRIDES
+          if s.get(k) is not None}
+    return schedules.resolve(s.resolution, aspect=s.get("aspect"), duration=s.duration, **kw)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import zlib
@@ -56,6 +55,7 @@ def word_ids(text: str, vocab_size: int = TEXT_VOCAB) -> list[int]:
 def toy_text_encoder(text_cfg, seed: int = 0):
     """A tiny T5 encoder (``config.text`` of ``configs/toy.py``) with fixed random weights (``seed``) and the
     word-level tokenizer: the same features in every process, nothing to store."""
+    import flax.linen as nn
     import jax
 
     from infstar_jax.text.t5 import T5Config, T5Encoder, TextEncoder
@@ -64,9 +64,7 @@ def toy_text_encoder(text_cfg, seed: int = 0):
     cfg = T5Config(vocab_size=TEXT_VOCAB, d_model=int(text_cfg.d_model), d_kv=int(text_cfg.d_kv),
                    d_ff=int(text_cfg.d_ff), num_layers=int(text_cfg.num_layers), num_heads=int(text_cfg.num_heads))
     ids = np.zeros((1, 1), np.int32)
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
-                          T5Encoder(cfg).init(jax.random.key(seed), ids, ids)["params"],
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.unbox(T5Encoder(cfg).init(jax.random.key(seed), ids, ids)["params"])
     tokenizer = T5Tokenizer(word_ids, pad_id=T5_PAD_ID, eos_id=T5_EOS_ID, max_length=int(text_cfg.max_length),
                             source="toy word hashing")
     return TextEncoder(cfg, params, tokenizer, buckets=(16, 32, int(text_cfg.max_length)))
@@ -168,7 +166,8 @@ def sample(workdir: Path, transformer_dir: Path, vae_dir: Path, text_encoder, pr
     import jax
     import jax.numpy as jnp
 
-    from infstar_jax import checkpoint, schedules
+    from infstar_jax import checkpoint
+    from infstar_jax.config import sampling_schedule
     from infstar_jax.sampling import output
     from infstar_jax.sampling.sampler import GuidanceConfig, Sampler
     from infstar_jax.text.prompts import duration_prefix
@@ -177,10 +176,7 @@ def sample(workdir: Path, transformer_dir: Path, vae_dir: Path, text_encoder, pr
 
     config = _config("toy.py", {})
     s = config.schedule
-    sched = schedules.resolve(s.resolution, s.aspect, duration=int(s.duration), num_scales=int(s.num_scales),
-                              image_rep=tuple(s.image_rep), video_rep=tuple(s.video_rep),
-                              semantic_scales=int(s.semantic_scales),
-                              detail_scale_min_tokens=int(s.detail_scale_min_tokens))
+    sched = sampling_schedule(config)
     meta = checkpoint.read_meta(str(transformer_dir))
     cfg = TransformerConfig.from_dict(meta["config"]).with_precision("fp32")
     params = jax.tree.map(jnp.asarray, checkpoint.load_params(str(transformer_dir), kind="transformer"))
