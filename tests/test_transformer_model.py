@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import subjaxprs
 
 from infstar_jax.training.packing import ExampleSpec, pack
 from infstar_jax.transformer import loss as loss_lib
@@ -76,6 +77,13 @@ def test_precision_modes(mode):
     assert 0 < err < 0.05
 
 
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of its sub-jaxprs, recursively."""
+    yield from jaxpr.eqns
+    for sub in subjaxprs(jaxpr):
+        yield from _eqns(sub)
+
+
 def test_mixed_precision_casts_block_kernels_once_outside_the_layer_loop():
     """train precision: the layer scan receives bf16 kernels (one cast of the stacked weights, none per layer), and
     the gradients are those of running on the pre-cast kernels, converted to fp32 once (the per-layer cast gave the
@@ -86,15 +94,9 @@ def test_mixed_precision_casts_block_kernels_once_outside_the_layer_loop():
     loss = lambda p: loss_of(cfg, p, packing, x)  # noqa: E731
     jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
 
-    def scans(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan":
-                yield eqn
-            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
-                yield from scans(sub)
-
     up = params["blocks"]["mlp"]["up_proj"]["kernel"]
-    operands = [v.aval for e in scans(jaxpr) for v in e.invars if hasattr(v, "aval")]
+    scans = [e for e in _eqns(jaxpr) if e.primitive.name == "scan"]
+    operands = [v.aval for e in scans for v in e.invars if hasattr(v, "aval")]
     assert any(a.shape == up.shape and a.dtype == jnp.bfloat16 for a in operands)
     assert not any(a.shape == up.shape and a.dtype == jnp.float32 for a in operands)
     g = jax.jit(jax.grad(loss))(params)
@@ -106,3 +108,28 @@ def test_mixed_precision_casts_block_kernels_once_outside_the_layer_loop():
         assert a.dtype == jnp.float32, path
         b = np.asarray(b.astype(jnp.float32))  # equal up to fp32 summation order
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=str(path))
+
+
+def test_attention_policies_keep_the_attention_kernels_forward():
+    """``attn_out`` / ``dots_attn`` must spare the backward pass a second attention forward (the old ``attn_out``
+    saved nothing and still passed the gradient test above): with the splash kernel (interpreted on CPU, a
+    ``pallas_call`` as on TPU) the backward of ``full`` re-runs the forward kernel, theirs do not. The cuDNN
+    primitive the policies also name must exist under that name in this JAX."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    from infstar_jax.transformer import splash
+    from infstar_jax.transformer.model import ATTENTION_PRIMITIVES, _remat_policy
+
+    assert cudnn_attention._dot_product_attention_fwd_p_wrapper.name in ATTENTION_PRIMITIVES
+    kq, kk = jax.random.split(jax.random.key(0))
+    q = jax.random.normal(kq, (1, 128, 2, 128))
+    kv = jax.random.normal(kk, (1, 256, 1, 128))
+
+    def calls(policy):
+        f = jax.checkpoint(lambda q, k: jnp.sum(splash.attention(q, k, k, max_block=128, interpret=True) ** 2),
+                           policy=_remat_policy(policy))
+        jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(q, kv).jaxpr
+        return sum(e.primitive.name == "pallas_call" for e in _eqns(jaxpr))
+
+    full = calls("full")
+    assert calls("attn_out") == full - 1 and calls("dots_attn") == full - 1
