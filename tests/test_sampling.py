@@ -89,6 +89,7 @@ def test_run_refuses_bad_arguments():
         sampler.run(text, [3], keys=jax.random.key(0)[None], forced={999: None})
 
 
+@pytest.mark.slow  # not a must-show; keeps the default suite under 15 min on 2 cores
 def test_layer_loops_agree_and_donated_params_are_split_once():
     """The per-layer programs (GPU default) and the scanned step (TPU) give the same logits and the same bits."""
     rng = np.random.default_rng(2)
