@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from infstar_jax.parallel import constrain
 from infstar_jax.transformer import rope
-from infstar_jax.transformer.attention import BlockLayout, block_sparse_attention, dot_product_attention
+from infstar_jax.transformer.attention import BlockLayout, block_sparse_attention, prefix_attention
 from infstar_jax.transformer.config import TransformerConfig
 
 F32 = jnp.float32
@@ -115,12 +115,8 @@ class Attention(nn.Module):
         if prefix_k is None:
             o = block_sparse_attention(q, k, v, layout, key_valid=key_valid)
         else:
-            # Sampling: current tokens first, then the cached prefix (referenced scales, text last) so that padded
-            # text keys close the row (cuDNN's padding form).
-            kk = jnp.concatenate([k, prefix_k.astype(k.dtype)], axis=1)
-            vv = jnp.concatenate([v, prefix_v.astype(v.dtype)], axis=1)
-            valid = jnp.concatenate([jnp.ones(k.shape[:2], bool), prefix_valid], axis=1)
-            o = dot_product_attention(q, kk, vv, key_valid=valid)
+            # Sampling: the current tokens, then the cached prefix (referenced scales, text last).
+            o = prefix_attention(q, k, v, prefix_k, prefix_v, prefix_valid, maskable_tail=cfg.text_maxlen)
         self.sow("intermediates", "attn_out", o.reshape(*o.shape[:2], h * hd))
         out = Linear((h, hd), (c,), ("heads", "head_dim", "embed"), name="o_proj", **lin)(o)
         return out, (k, v)

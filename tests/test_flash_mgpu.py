@@ -1,0 +1,90 @@
+"""The Mosaic GPU flash attention (the sampler's kernel on Hopper), run in Mosaic GPU interpret mode on CPU: its
+pipeline (producer/consumer barriers, two-warpgroup turns), key parts read in place, partial key blocks and per-row
+masking against an fp32 oracle. The interpreter models TMA's zero fill of reads past an array's end but not the
+clipping of a partial query tile's write, so query lengths here are whole tiles; the partial tile, the real
+``wgmma``/``run_state`` path and speed are checked on the GPU (benchmarks/bench_attention.py reports the error of the
+first and last queries against fp32)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infstar_jax.transformer import attention, flash_mgpu
+
+pytestmark = pytest.mark.sampling
+
+
+def _interpret():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    # TMA reads past the end of an array return zeros on the GPU; the interpreter's "zero" fill models that.
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+
+
+def _oracle(q, k, v, valid):
+    g = q.shape[2] // k.shape[2]
+    kk, vv = (jnp.repeat(x.astype(jnp.float32), g, axis=2) for x in (k, v))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk, precision="highest") * q.shape[-1] ** -0.5
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vv, precision="highest")
+
+
+def _inputs(seed, b, lq, lp, h=2, hkv=1, d=64, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+
+    def f(*shape):
+        return jnp.asarray(rng.normal(size=shape), dtype)
+
+    return f(b, lq, h, d), f(b, lq, hkv, d), f(b, lq, hkv, d), f(b, lp, hkv, d), f(b, lp, hkv, d)
+
+
+@pytest.mark.parametrize("tiling", ["64/128/2", pytest.param("64/64/3", marks=pytest.mark.slow)])
+def test_prefix_attention_kernel_matches_fp32(monkeypatch, tiling):
+    """Current tokens (a partial last key block) and a cached prefix whose text padding differs per row."""
+    monkeypatch.setenv("INFSTAR_FLASH_TILING", tiling)
+    q, k, v, pk, pv = _inputs(0, 2, 128, 152)
+    prefix_valid = jnp.asarray(np.arange(152)[None] < np.array([[150], [97]]))
+    o = attention.prefix_attention(q, k, v, pk, pv, prefix_valid, maskable_tail=64, implementation="mosaic",
+                                   interpret=_interpret())
+    assert o.shape == q.shape and o.dtype == q.dtype
+    valid = jnp.concatenate([jnp.ones((2, 128), bool), prefix_valid], axis=1)
+    ref = _oracle(q, jnp.concatenate([k, pk], 1), jnp.concatenate([v, pv], 1), valid)
+    err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref)))
+    assert err < 2e-2, err  # bf16 output and probabilities
+    # The second row's padded text keys carry weight if the mask is dropped: the oracle without it differs.
+    unmasked = _oracle(q, jnp.concatenate([k, pk], 1), jnp.concatenate([v, pv], 1), jnp.ones_like(valid))
+    assert float(jnp.max(jnp.abs(unmasked[1] - ref[1]))) > 10 * err
+
+
+@pytest.mark.slow
+def test_kernel_static_lengths_and_fp16():
+    """Static valid lengths, a length not a multiple of the key block, fp16 tiles."""
+    q, k, v, pk, pv = _inputs(1, 1, 128, 40, dtype=jnp.float16)
+    o = flash_mgpu.flash_attention(q, [k, pk], [v, pv], [100, 33], tiling=flash_mgpu.Tiling(64, 64, 2),
+                                   interpret=_interpret())
+    valid = jnp.asarray(np.concatenate([np.arange(128) < 100, np.arange(40) < 33]))[None]
+    ref = _oracle(q, jnp.concatenate([k, pk], 1), jnp.concatenate([v, pv], 1), valid)
+    assert float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref))) < 5e-3
+
+
+def test_prefix_attention_routes_agree_off_gpu():
+    """Off Hopper the auto route is the dispatcher over the concatenated keys, as before the kernel."""
+    q, k, v, pk, pv = _inputs(2, 2, 24, 16, dtype=jnp.float32)
+    prefix_valid = jnp.asarray(np.arange(16)[None] < np.array([[16], [9]]))
+    o = attention.prefix_attention(q, k, v, pk, pv, prefix_valid, maskable_tail=16)
+    valid = jnp.concatenate([jnp.ones((2, 24), bool), prefix_valid], axis=1)
+    ref = _oracle(q, jnp.concatenate([k, pk], 1), jnp.concatenate([v, pv], 1), valid)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(ref), atol=1e-5)
+
+
+def test_kernel_rejects_bad_inputs():
+    q, k, v, pk, pv = _inputs(3, 1, 128, 40)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        flash_mgpu.flash_attention(q, [k, pk[:, :37]], [v, pv[:, :37]])
+    with pytest.raises(ValueError, match="valid keys"):
+        flash_mgpu.flash_attention(q, [k, pk], [v, pv], [200, None])
+    with pytest.raises(ValueError, match="block_q/block_kv/stages"):
+        flash_mgpu.Tiling.parse("64x128")
+    with pytest.raises(ValueError, match="per-row lengths"):
+        flash_mgpu.flash_attention(q, [k], [v], [jnp.array([3, 4])])
