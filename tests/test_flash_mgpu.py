@@ -88,3 +88,24 @@ def test_kernel_rejects_bad_inputs():
         flash_mgpu.Tiling.parse("64x128")
     with pytest.raises(ValueError, match="per-row lengths"):
         flash_mgpu.flash_attention(q, [k], [v], [jnp.array([3, 4])])
+
+
+def test_kernel_only_in_single_device_programs(monkeypatch):
+    """The kernel cannot be partitioned by XLA: under a multi-device mesh the sampler keeps cuDNN."""
+    from jax.sharding import AxisType
+
+    monkeypatch.setattr(attention, "_target_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_hopper", lambda: True)
+    q = jnp.zeros((8, 16, 2, 64), jnp.bfloat16)
+    seen = {}
+
+    def probe(x):
+        seen["ok"] = attention._mosaic_ok(x)
+        return x
+
+    jax.jit(probe)(q)
+    assert seen["ok"]
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        jax.jit(probe)(q)
+    assert not seen["ok"]

@@ -300,8 +300,16 @@ def _mosaic_ok(q) -> bool:
         q.dtype in (jnp.bfloat16, jnp.float16)
         and q.shape[-1] in (64, 128)  # the default tiles fit shared memory up to 128
         and _target_platform() == "gpu"
+        and _unsharded()
         and _hopper()
     )
+
+
+def _unsharded() -> bool:
+    """True outside a multi-device mesh: the kernel is a custom call that XLA cannot partition, so sharded programs
+    (prompts over several GPUs) keep cuDNN, which XLA partitions."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return getattr(mesh, "empty", True) or mesh.size == 1
 
 
 @functools.cache

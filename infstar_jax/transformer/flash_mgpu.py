@@ -7,9 +7,10 @@ where they already are: the current scale's K/V and the cached prefix are separa
 
 Layout and semantics (as ``attention.dot_product_attention``): ``q`` ``[B, Lq, H, D]``; each key part ``[B, L_i,
 Hkv, D]`` with query head ``h`` reading kv head ``h // (H / Hkv)``; scale ``D**-0.5``; no causal mask. Each key part
-has a valid length (static, or per row at run time: the text's padding); the kernel compares key indices with it only
-in the blocks that can hold an invalid key (so fully valid blocks pay nothing). Every query row must see a valid key in the first block (the
-caller puts always-valid keys first).
+has a valid length (static, or per row at run time: the text's padding); the kernel compares key indices with it
+only in the blocks that can hold an invalid key (so fully valid blocks pay nothing). Every query row must see a valid
+key in the first block (the caller puts always-valid keys first). The kernel is one custom call for the whole batch:
+callers use it in single-device programs (``attention.prefix_attention`` keeps cuDNN under a multi-device mesh).
 
 Tiles are staged in the operands' dtype (bf16 or fp16), scores and softmax statistics in fp32, probabilities rounded
 to the operand dtype for the second matmul (as cuDNN and FlashAttention do).
