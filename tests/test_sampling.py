@@ -87,6 +87,8 @@ def test_run_refuses_bad_arguments():
         sampler.run(text, [3])
     with pytest.raises(ValueError, match="unknown steps"):
         sampler.run(text, [3], keys=jax.random.key(0)[None], forced={999: None})
+    with pytest.raises(ValueError, match="text_maxlen=32"):
+        sampler.run(jnp.zeros((1, 33, CFG.text_dim)), [3], keys=jax.random.key(0)[None])
 
 
 @pytest.mark.slow  # not a must-show; keeps the default suite under 15 min on 2 cores

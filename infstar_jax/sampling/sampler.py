@@ -343,6 +343,10 @@ class Sampler:
             raise ValueError(f"forced bits for unknown steps {unknown}; the schedule has {len(self.steps)} steps")
         text = jnp.asarray(text, jnp.float32)
         b, lt, _ = text.shape
+        if lt > self.cfg.text_maxlen:
+            # The learned unconditional rows and the attention's text mask cover text_maxlen rows (the prefix's
+            # padding may only sit in its last text_maxlen keys).
+            raise ValueError(f"text has {lt} rows; the model takes at most text_maxlen={self.cfg.text_maxlen}")
         lengths = jnp.asarray(text_lengths, jnp.int32)
         valid = jnp.arange(lt)[None, :] < lengths[:, None]
         text_k, text_v = self._text_kv(text, valid)
