@@ -109,3 +109,20 @@ def test_kernel_only_in_single_device_programs(monkeypatch):
     with jax.set_mesh(mesh):
         jax.jit(probe)(q)
     assert not seen["ok"]
+
+
+@pytest.mark.gpu
+def test_kernel_on_hopper_matches_fp32():
+    """The compiled kernel (``JAX_PLATFORMS=cuda pytest -m gpu`` on an H100/H200): rows with different text padding,
+    a partial last query tile and key block, both default tilings."""
+    if not flash_mgpu.available():
+        pytest.fail("needs a Hopper GPU as the default backend (run with JAX_PLATFORMS=cuda)")
+    for lq in (1000, 40_000):  # blocks of 128 and of 192 keys
+        q, k, v, pk, pv = _inputs(4, 2, lq, 1700, h=32, hkv=8, d=128)
+        prefix_valid = jnp.asarray(np.arange(1700)[None] < np.array([[1700], [1613]]))
+        o = jax.jit(lambda *a: attention.prefix_attention(*a, maskable_tail=512, implementation="mosaic"))(
+            q, k, v, pk, pv, prefix_valid)
+        rows = np.r_[0:64, lq - 72:lq]
+        valid = jnp.concatenate([jnp.ones((2, lq), bool), prefix_valid], axis=1)
+        ref = _oracle(q[:, rows], jnp.concatenate([k, pk], 1), jnp.concatenate([v, pv], 1), valid)
+        assert float(jnp.max(jnp.abs(o[:, rows].astype(jnp.float32) - ref))) < 2e-3

@@ -216,8 +216,6 @@ def flash_attention(
 
             def row_length(column):
                 # This row's valid key count from the small [B, n] lengths array (static reads, one per batch row).
-                if interpret is not None:
-                    return len_ref[batch, column]
                 n = len_ref[0, column]
                 for i in range(1, b):
                     n = jnp.where(batch == i, len_ref[i, column], n)
