@@ -41,11 +41,11 @@ class Tiling:
     stages: int = 2
 
     def __post_init__(self):
-        if self.block_q % 64 or self.block_kv % 16:
-            raise ValueError(f"block_q must be a multiple of 64 and block_kv of 16, got {self}")
+        if self.block_q % 64 or self.block_kv % 64:
+            # (the P·V product's contraction over a key block must be a multiple of 64 for Mosaic GPU's wgmma)
+            raise ValueError(f"block_q and block_kv must be multiples of 64, got {self}")
         if self.stages < 2:
             raise ValueError(f"stages must be at least 2, got {self.stages}")
-
 
     @classmethod
     def parse(cls, spec: str) -> "Tiling":
@@ -61,8 +61,9 @@ def default_tiling(queries: int) -> Tiling:
     """The sampler's tiling for a call with ``queries`` query rows; ``INFSTAR_FLASH_TILING=block_q/block_kv/stages``
     overrides it (benchmarks).
 
-    Key blocks of 192 run the 720p last scale 6-9 % faster than blocks of 128 (``bench_attention.py``) and the 720p
-    sampler 0.33 s faster, while the 480p sampler was faster with 128 (H200, docs/benchmarks.md).
+    Key blocks of 192 (the largest with two stages in shared memory) run the 720p last scale 6-9 % faster than blocks
+    of 128 and the 720p sampler ~0.3 s faster; on small calls they are slower (0.39 vs 0.23-0.26 ms at 960 queries),
+    and whole 480p runs did not resolve a difference (H200, docs/benchmarks.md).
     """
     spec = os.environ.get("INFSTAR_FLASH_TILING")
     if spec:
