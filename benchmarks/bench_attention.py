@@ -90,7 +90,7 @@ def check_recompile():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--tilings", default="", help="also time the raw kernel with these block_q/block_kv/stages")
+    ap.add_argument("--tilings", default="", help="also time the raw kernel with these block_q/block_kv/stages[/overlap]")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="which calls (default all)")
     ap.add_argument("--check-recompile", action="store_true")
     ap.add_argument("--routes", default="cudnn,mosaic", help="prefix_attention routes to time (mosaic uses "
@@ -126,8 +126,7 @@ def main():
             print(f"| {name} | {route} | {lq} x {lk} | {1e3 * s:.2f} | {flops / s / 1e12:.0f} | "
                   f"{err(fn(q, k, v, pk, pv, pvalid))} |", flush=True)
         for spec in filter(None, args.tilings.split(",")):
-            bq, bk, st = (int(x) for x in spec.split("/"))
-            tiling = flash_mgpu.Tiling(bq, bk, st)
+            tiling = flash_mgpu.Tiling.parse(spec)
             lp8 = -(-lp // 8) * 8  # the kernel's TMA needs lengths in multiples of 8
             pk8, pv8 = (jnp.pad(x, ((0, 0), (0, lp8 - lp), (0, 0), (0, 0))) for x in (pk, pv))
             fn = jax.jit(lambda q, k, v, pk, pv, t=tiling: flash_mgpu.flash_attention(
@@ -138,7 +137,7 @@ def main():
                 print(f"| {name} | raw {spec} | | failed: {str(e).splitlines()[0][:120]} | | |")
                 continue
             print(f"| {name} | raw kernel {spec} (text padding masked statically) | {lq} x {lk} | "
-                  f"{1e3 * s:.2f} | {flops / s / 1e12:.0f} | |", flush=True)
+                  f"{1e3 * s:.2f} | {flops / s / 1e12:.0f} | {err(fn(q, k, v, pk8, pv8))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,13 @@ _LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """``block_q`` query rows per consumer warpgroup (a CTA has two), ``block_kv`` keys per step, ``stages`` K/V
-    buffers in flight."""
+    buffers in flight; ``overlap``: each warpgroup issues the scores of block ``j + 1`` together with block ``j``'s
+    P·V product and runs its softmax while the tensor cores work on them (two accumulators in registers)."""
 
     block_q: int = 64
     block_kv: int = 128
     stages: int = 2
+    overlap: bool = False
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
@@ -49,12 +51,16 @@ class Tiling:
 
     @classmethod
     def parse(cls, spec: str) -> "Tiling":
-        """``"block_q/block_kv/stages"``, e.g. ``"64/128/2"``."""
+        """``"block_q/block_kv/stages[/overlap]"``, e.g. ``"64/128/2"`` or ``"64/128/2/overlap"``."""
+        parts = spec.split("/")
+        overlap = len(parts) == 4 and parts[3] == "overlap"
         try:
-            bq, bk, st = (int(x) for x in spec.split("/"))
+            if len(parts) - overlap != 3:
+                raise ValueError
+            bq, bk, st = (int(x) for x in parts[:3])
         except ValueError:
-            raise ValueError(f"tiling {spec!r} is not block_q/block_kv/stages (e.g. 64/128/2)") from None
-        return cls(bq, bk, st)
+            raise ValueError(f"tiling {spec!r} is not block_q/block_kv/stages[/overlap] (e.g. 64/128/2)") from None
+        return cls(bq, bk, st, overlap)
 
 
 def default_tiling(queries: int) -> Tiling:
@@ -189,46 +195,87 @@ def flash_attention(
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-        @pl.when(wg < 2)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-            qo_smem = qo_smem2.at[wg]
-            row0 = lax.axis_index("q_seq") * (2 * bq) + wg * bq
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head], qo_smem, q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
+        def laid_out(x, layout):  # register layouts are a compile-time notion; the interpreter has none
+            return x if interpret is not None else plgpu.layout_cast(x, layout)
 
-            def laid_out(x, layout):  # register layouts are a compile-time notion; the interpreter has none
-                return x if interpret is not None else plgpu.layout_cast(x, layout)
+        def release(barrier, s, slot):
+            # Only buffers that will be refilled are handed back (every arrival is awaited by the producer).
+            if isinstance(s, int):
+                if s + depth < n_steps:
+                    plgpu.barrier_arrive(barrier.at[slot])
+                return
 
-            row_layout = plgpu.Layout.WGMMA.reduce(1)
-            m_i = laid_out(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
-            l_i = laid_out(jnp.full((bq,), 0.0, jnp.float32), row_layout)
-            acc = laid_out(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            @pl.when(s + depth < n_steps)
+            def _():
+                plgpu.barrier_arrive(barrier.at[slot])
 
+        def row_length(column):
+            # This row's valid key count from the small [B, n] lengths array (static reads, one per batch row).
+            n = len_ref[0, column]
+            for i in range(1, b):
+                n = jnp.where(batch == i, len_ref[i, column], n)
+            return n
+
+        def softmax(scores, m_i, l_i, limit):
+            """Online softmax of one block of raw scores: (probabilities in the operand dtype, new row max, new row
+            sum, rescale factor of the earlier accumulator). ``limit``: None, or the number of valid keys counted
+            from this block's first key. Statistics are in log2 units of the scaled scores, so that each probability
+            is one FMA and an exp2 (the scale commutes with the row max; it is positive)."""
+            if limit is not None:
+                if interpret is None:
+                    col = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
+                else:
+                    col = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+                scores = jnp.where(col < limit, scores * scale_log2, -jnp.inf)
+                m_new = jnp.maximum(m_i, scores.max(axis=1))
+                p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+            else:
+                m_new = jnp.maximum(m_i, scores.max(axis=1) * scale_log2)
+                p = jnp.exp2(scores * scale_log2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+            alpha = jnp.exp2(m_i - m_new)
+            return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
+
+        def rescaled(acc, alpha):
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+        def run_blocks(step, carry, skip_first=False):
+            # Every key block in order, as runs with a static kind of mask; ``step(s, carry, limit)``.
+            for r, (p, j0, j1, mask) in enumerate(runs):
+                if skip_first and r == 0:
+                    j0 += 1
+                if mask is None:
+                    def run_step(j, c, p=p):
+                        return step(part_start[p] + j, c, None)
+                else:
+                    n_valid = mask[1] if mask[0] == "static" else row_length(mask[1])
+
+                    def run_step(j, c, p=p, n_valid=n_valid):
+                        return step(part_start[p] + j, c, n_valid - j * bk)
+                if j1 > j0:
+                    carry = lax.fori_loop(j0, j1, run_step, carry)
+            return carry
+
+        def first_limit():
+            _, j0, _, mask = runs[0]
+            if mask is None:
+                return None
+            return (mask[1] if mask[0] == "static" else row_length(mask[1])) - j0 * bk
+
+        def k_block(slot):
+            return plgpu.transpose_ref(k_smem.at[slot], (1, 0))
+
+        def pingpong(qo_smem, m_i, l_i, acc):
+            """The two warpgroups take turns: one multiplies while the other runs its softmax."""
             plgpu.barrier_wait(k_bar.at[0])
-            # Offset the two warpgroups by half a step: while one runs its softmax the other uses the tensor cores.
+            # Offset the two warpgroups by half a step.
             pl.when(wg == 1)(take_turn)
 
-            def release(barrier, s, slot):
-                # Only buffers that will be refilled are handed back (every arrival is awaited by the producer).
-                @pl.when(s + depth < n_steps)
-                def _():
-                    plgpu.barrier_arrive(barrier.at[slot])
-
-            def row_length(column):
-                # This row's valid key count from the small [B, n] lengths array (static reads, one per batch row).
-                n = len_ref[0, column]
-                for i in range(1, b):
-                    n = jnp.where(batch == i, len_ref[i, column], n)
-                return n
-
             def step(s, carry, limit):
-                # ``limit``: None, or the number of valid keys of this part counted from this block's first key.
                 acc, m_i, l_i = carry
                 slot = lax.rem(s, depth)
 
                 def qk_product(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(acc_ref, qo_smem, k_block(slot))
                     take_turn()
                     return acc_ref[...]
 
@@ -238,23 +285,8 @@ def flash_attention(
                     scores = jnp.dot(qo_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
                     take_turn()
                 release(k_free, s, slot)
-                # Statistics in log2 units of the scaled scores, so that each probability is one FMA and an exp2
-                # (the scale commutes with the row max; it is positive).
-                if limit is not None:
-                    if interpret is None:
-                        col = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
-                    else:
-                        col = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
-                    scores = jnp.where(col < limit, scores * scale_log2, -jnp.inf)
-                    m_new = jnp.maximum(m_i, scores.max(axis=1))
-                    p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
-                else:
-                    m_new = jnp.maximum(m_i, scores.max(axis=1) * scale_log2)
-                    p = jnp.exp2(scores * scale_log2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
-                alpha = jnp.exp2(m_i - m_new)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i = l_i * alpha + p.sum(axis=1)
-                p_lo = p.astype(dtype)
+                p_lo, m_new, l_i, alpha = softmax(scores, m_i, l_i, limit)
+                acc = rescaled(acc, alpha)
                 acc, l_i, m_new, p_lo = lax.optimization_barrier((acc, l_i, m_new, p_lo))
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -278,19 +310,90 @@ def flash_attention(
                 release(v_free, s, slot)
                 return acc, m_new, l_i
 
-            carry = (acc, m_i, l_i)
-            for p, j0, j1, mask in runs:
-                if mask is None:
-                    def run_step(j, c, p=p):
-                        return step(part_start[p] + j, c, None)
-                else:
-                    n_valid = mask[1] if mask[0] == "static" else row_length(mask[1])
-
-                    def run_step(j, c, p=p, n_valid=n_valid):
-                        return step(part_start[p] + j, c, n_valid - j * bk)
-                carry = lax.fori_loop(j0, j1, run_step, carry)
-            acc, m_i, l_i = carry
+            acc, m_i, l_i = run_blocks(step, (acc, m_i, l_i))
             pl.when(wg == 0)(take_turn)
+            return acc, l_i
+
+        def overlapped(qo_smem, m_i, l_i, acc):
+            """FlashAttention-3's schedule: at step ``s`` a warpgroup issues the scores of block ``s`` and the P·V
+            product of block ``s - 1`` back to back (the two warpgroups taking turns to issue), then runs block
+            ``s``'s softmax while the tensor cores compute its P·V product; the output accumulator stays in its
+            wgmma registers across steps (rescaled in place)."""
+            compiled = interpret is None
+
+            def scoped(s_acc, o_acc):
+                zero_scores = laid_out(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
+
+                def scores_of(slot, p_prev, prev_slot, o):
+                    # Issues block ``slot``'s scores (and the previous block's P·V if given); returns the scores.
+                    if compiled:
+                        plgpu.wgmma(s_acc, qo_smem, k_block(slot))
+                        if p_prev is not None:
+                            plgpu.wgmma(o_acc, p_prev, v_smem.at[prev_slot])
+                        take_turn()
+                        scores = plgpu.wgmma_accumulator_load(s_acc, wait_n=0 if p_prev is None else 1)
+                        s_acc[...] = zero_scores
+                        return scores, None
+                    scores = jnp.dot(qo_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+                    if p_prev is not None:
+                        o = o + jnp.dot(p_prev, v_smem[prev_slot], preferred_element_type=jnp.float32)
+                    take_turn()
+                    return scores, o
+
+                plgpu.barrier_wait(k_bar.at[0])
+                pl.when(wg == 1)(take_turn)
+                take_turn()
+                scores, o = scores_of(0, None, None, None if compiled else acc)
+                release(k_free, 0, 0)
+                p_lo, m, l, _ = softmax(scores, m_i, l_i, first_limit())
+
+                def step(s, carry, limit):
+                    p_prev, m_i, l_i, o = carry
+                    slot, prev = lax.rem(s, depth), lax.rem(s - 1, depth)
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    plgpu.barrier_wait(v_bar.at[prev])
+                    take_turn()
+                    scores, o = scores_of(slot, p_prev, prev, o)
+                    release(k_free, s, slot)
+                    p_lo, m_new, l_i, alpha = softmax(scores, m_i, l_i, limit)
+                    if compiled:
+                        o_acc[...] = rescaled(plgpu.wgmma_accumulator_load(o_acc, wait_n=0), alpha)
+                    else:
+                        o = rescaled(o, alpha)
+                    release(v_free, s - 1, prev)
+                    return p_lo, m_new, l_i, o
+
+                p_lo, m, l, o = run_blocks(step, (p_lo, m, l, o), skip_first=True)
+                last = (n_steps - 1) % depth
+                plgpu.barrier_wait(v_bar.at[last])
+                take_turn()
+                if compiled:
+                    plgpu.wgmma(o_acc, p_lo, v_smem.at[last])
+                    take_turn()
+                    o = plgpu.wgmma_accumulator_load(o_acc, wait_n=0)
+                else:
+                    o = o + jnp.dot(p_lo, v_smem[last], preferred_element_type=jnp.float32)
+                    take_turn()
+                pl.when(wg == 0)(take_turn)
+                return o, l
+
+            if compiled:
+                return pl.run_scoped(scoped, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, d), jnp.float32))
+            return scoped(None, None)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            row0 = lax.axis_index("q_seq") * (2 * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head], qo_smem, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            m_i = laid_out(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
+            l_i = laid_out(jnp.full((bq,), 0.0, jnp.float32), row_layout)
+            acc = laid_out(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            acc, l_i = (overlapped if tiling.overlap else pingpong)(qo_smem, m_i, l_i, acc)
 
             acc = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
             qo_smem[...] = acc.astype(dtype)
