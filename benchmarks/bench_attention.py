@@ -90,7 +90,7 @@ def check_recompile():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--tilings", default="", help="also time the raw kernel with these block_q/block_kv/stages[/overlap]")
+    ap.add_argument("--tilings", default="", help="also time the raw kernel with these block_q/block_kv/stages")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="which calls (default all)")
     ap.add_argument("--check-recompile", action="store_true")
     ap.add_argument("--routes", default="cudnn,mosaic", help="prefix_attention routes to time (mosaic uses "

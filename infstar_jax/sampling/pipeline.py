@@ -99,7 +99,11 @@ class Generator:
 
     @classmethod
     def load(cls, ckpt, *, resolution="480p", aspect="16:9", duration=5, precision: str = "infer",
-             guidance: GuidanceConfig | None = None, vae_dtype=jnp.bfloat16, **schedule_overrides) -> "Generator":
+             guidance: GuidanceConfig | None = None, vae_dtype=jnp.bfloat16, decode_chunk: int = 4,
+             **schedule_overrides) -> "Generator":
+        """Loads the converted parts under ``ckpt`` for one schedule. ``decode_chunk``: latent frames per VAE decoder
+        call after the first (``ChunkedVAE.latent_frames_per_chunk``; the reference decodes 2 at a time, which gives
+        the same frames up to rounding and is slower on accelerators)."""
         parts = find_parts(ckpt)
         schedule = schedules.resolve(resolution, aspect, duration=duration, **schedule_overrides)
         if guidance is None:
@@ -115,7 +119,8 @@ class Generator:
             from infstar_jax.text import load_text_encoder
 
             text_encoder = load_text_encoder(parts["text_encoder"], dtype=jnp.bfloat16)
-        return cls(cfg, params, ChunkedVAE(model), variables, schedule, guidance, text_encoder)
+        return cls(cfg, params, ChunkedVAE(model, latent_frames_per_chunk=decode_chunk), variables, schedule, guidance,
+                   text_encoder)
 
     @property
     def num_frames(self) -> int:
