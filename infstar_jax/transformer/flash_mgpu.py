@@ -61,14 +61,14 @@ def default_tiling(queries: int) -> Tiling:
     """The sampler's tiling for a call with ``queries`` query rows; ``INFSTAR_FLASH_TILING=block_q/block_kv/stages``
     overrides it (benchmarks).
 
-    Key blocks of 192 (the largest with two stages in shared memory) run the 720p last scale 6-9 % faster than blocks
-    of 128 and the 720p sampler ~0.3 s faster; on small calls they are slower (0.39 vs 0.23-0.26 ms at 960 queries),
-    and whole 480p runs did not resolve a difference (H200, docs/benchmarks.md).
+    Key blocks of 192 (the largest with two stages in shared memory) run the large calls faster than blocks of 128
+    (H200: 720p last scale 282 vs 294 ms, 480p last scale 53.5 vs 57.3 ms, 8,160 queries 3.9-4.0 vs 4.0 ms); on small
+    calls they are slower (0.20 vs 0.19 ms at 960 queries) (docs/benchmarks.md).
     """
     spec = os.environ.get("INFSTAR_FLASH_TILING")
     if spec:
         return Tiling.parse(spec)
-    return Tiling(block_kv=192 if queries >= 32_768 else 128)
+    return Tiling(block_kv=192 if queries >= 4_096 else 128)
 
 
 def available() -> bool:
