@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--layer-loop", default=None, choices=("layers", "scan"),
                     help="sampler layer loop (default: the backend's, layers on GPU)")
     ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="trace one more AR loop into DIR and print its device-time summary (profile_summary.py)")
+                    help="trace one more AR loop into DIR (and one decode into DIR_decode) and print their device-time summaries (profile_summary.py)")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/infstar_jax/xla"))
     args = ap.parse_args()
 
@@ -137,7 +137,7 @@ def main():
         jax.profiler.start_trace(args.profile)
         ar()
         jax.profiler.stop_trace()
-        print(summarize(args.profile), flush=True)
+        print(summarize(args.profile, top=45), flush=True)
 
     dec_s, peak_dec = float("nan"), float("nan")
     if not args.no_decode:
@@ -153,6 +153,11 @@ def main():
             jax.block_until_ready(frames)
             dts.append(time.time() - t0)
         dec_s = statistics.median(dts)
+        if args.profile:
+            jax.profiler.start_trace(args.profile + "_decode")
+            jax.block_until_ready(runner.decode(variables, res.summed_codes, frames=True))
+            jax.profiler.stop_trace()
+            print(summarize(args.profile + "_decode", top=45), flush=True)
         peak_dec = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
         print(f"# frames {tuple(frames.shape)}", flush=True)
     print(f"# layer loop: {sampler.layer_loop}")

@@ -84,7 +84,7 @@ def summarize(path: str, top: int = 30) -> str:
                     by_kind[k] += e.duration_ns
                     counts[k] += 1
                     long = str(st.get("long_name", e.name))
-                    by_name[long[:110]] += e.duration_ns
+                    by_name[long[:200]] += e.duration_ns
                 lines_out.append("| op kind | calls | s | share |")
                 lines_out.append("|---|---|---|---|")
                 for k, ns in by_kind.most_common(top):

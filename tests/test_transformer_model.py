@@ -133,3 +133,28 @@ def test_attention_policies_keep_the_attention_kernels_forward():
 
     full = calls("full")
     assert calls("attn_out") == full - 1 and calls("dots_attn") == full - 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_rope_rounding_matches_the_reference_order(dtype):
+    """SPEC §1.6: ``a <- bf16(bf16(a*cos) - f32(b*sin))``, ``b <- bf16(bf16(b*cos) + f32(a*sin))`` on interleaved pairs,
+    computed here op by op in numpy (no fused multiply-add) from the tables ``rope.cos_sin`` gives."""
+    import ml_dtypes
+
+    from infstar_jax.transformer import rope
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 9, 3, 32)) * 4, dtype)
+    pos = jnp.asarray(rng.integers(0, 600, size=(2, 9, 4)))
+    cos, sin = rope.cos_sin(pos, 32)
+    got = np.asarray(rope.apply(x, cos, sin).astype(jnp.float32))
+
+    np_dt = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32
+    pairs = np.asarray(x.astype(jnp.float32)).reshape(2, 9, 3, 16, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, s = np.asarray(cos)[:, :, None], np.asarray(sin)[:, :, None]
+    tmp1, tmp2 = (b * s).astype(np.float32), (a * s).astype(np.float32)
+    a_new = ((a * c).astype(np_dt).astype(np.float32) - tmp1).astype(np_dt).astype(np.float32)
+    b_new = ((b * c).astype(np_dt).astype(np.float32) + tmp2).astype(np_dt).astype(np.float32)
+    want = np.stack([a_new, b_new], axis=-1).reshape(got.shape)
+    np.testing.assert_array_equal(got, want)
