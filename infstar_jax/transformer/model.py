@@ -32,11 +32,18 @@ def _init_normal(std: float = 0.02):
 
 
 class RMSNorm(nn.Module):
-    """``x * rsqrt(mean(x^2) + eps) * w`` with fp32 statistics and product; returns the input dtype (SPEC §1.2)."""
+    """``x * rsqrt(mean(x^2) + eps) * w`` with fp32 statistics and product; returns the input dtype (SPEC §1.2).
+
+    ``separate_stats``: compute the per-row statistic as its own (small) result, so that the compiler fuses the
+    normalisation into what consumes it instead of the reduction (the q/k norms, whose consumer is RoPE: on an H200 at
+    the 720p last scale q's norm and RoPE take 1.06 ms this way and 1.83 ms as one reduction fusion plus one
+    element-wise pass; the values are the same).
+    """
 
     eps: float = 1e-6
     param_dtype: Any = F32
     axis_name: str = "embed"
+    separate_stats: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -44,8 +51,10 @@ class RMSNorm(nn.Module):
             "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype
         )
         x32 = x.astype(F32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * w.astype(F32)).astype(x.dtype)
+        r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.separate_stats:
+            r = jax.lax.optimization_barrier(r)
+        return (x32 * r * w.astype(F32)).astype(x.dtype)
 
 
 class Linear(nn.Module):
@@ -100,8 +109,8 @@ class Attention(nn.Module):
         q = Linear((c,), (h, hd), ("embed", "heads", "head_dim"), name="q_proj", **lin)(x)
         k = Linear((c,), (kv, hd), ("embed", "kv_heads", "head_dim"), name="k_proj", **lin)(x)
         v = Linear((c,), (kv, hd), ("embed", "kv_heads", "head_dim"), name="v_proj", **lin)(x)
-        q = RMSNorm(cfg.norm_eps, pdt, "head_dim", name="q_norm")(q)
-        k = RMSNorm(cfg.norm_eps, pdt, "head_dim", name="k_norm")(k)
+        q = RMSNorm(cfg.norm_eps, pdt, "head_dim", separate_stats=True, name="q_norm")(q)
+        k = RMSNorm(cfg.norm_eps, pdt, "head_dim", separate_stats=True, name="k_norm")(k)
         self.sow("intermediates", "q_prerope", q)
         self.sow("intermediates", "k_prerope", k)
         q = rope.apply(q, cos, sin)
