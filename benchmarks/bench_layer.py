@@ -2,7 +2,7 @@
 (``sampler._layer``) on the 8B architecture in the ``infer`` precision, both guidance rows, a step of ``--tokens``
 tokens seeing a cached prefix of ``--prefix`` tokens and 100 text keys. Prints the median time of the whole layer,
 each kernel of one traced call in order (device time), and the block matmuls alone, as the layer issues them and
-with the projections that read the same input fused into one matmul (Q/K/V and gate/up).
+with the projections that read the same input fused into one matmul (Q/K/V, as the sampler runs it, and gate/up).
 
     PYTHONPATH=. python benchmarks/bench_layer.py --tokens 72000 --prefix 3600   # 720p last scale
 """
@@ -65,14 +65,14 @@ def main():
     from infstar_jax.sampling.sampler import _layer
     from infstar_jax.transformer import rope
     from infstar_jax.transformer.config import architecture
-    from infstar_jax.transformer.model import init_params
+    from infstar_jax.transformer.model import fuse_qkv, init_params
 
     cfg = architecture("infinity_qwen8b").with_precision("infer")
     one = cfg.replace(depth=1)
     unbox = lambda t: jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, t,  # noqa: E731
                                    is_leaf=lambda x: hasattr(x, "value"))
     blocks = jax.jit(lambda k: unbox(init_params(one, k)["params"])["blocks"])(jax.random.key(0))
-    lp = jax.tree.map(lambda x: x[0], blocks)
+    lp = fuse_qkv(jax.tree.map(lambda x: x[0], blocks))  # the sampler's per-layer layout
     rows, n, c = 2, args.tokens, cfg.embed_dim
     ks = jax.random.split(jax.random.key(1), 4)
     h = jax.random.normal(ks[0], (rows, n, c), jnp.bfloat16)

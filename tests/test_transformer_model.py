@@ -158,3 +158,33 @@ def test_rope_rounding_matches_the_reference_order(dtype):
     b_new = ((b * c).astype(np_dt).astype(np.float32) + tmp2).astype(np_dt).astype(np.float32)
     want = np.stack([a_new, b_new], axis=-1).reshape(got.shape)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_block_equals_separate_projections(bias):
+    """``fuse_qkv`` (the sampler's per-layer layout): one matmul over the concatenated Q/K/V kernels gives the block's
+    output and K/V of the three separate projections, with or without biases."""
+    from infstar_jax.transformer.model import FUSED_QKV, Block, fuse_qkv
+    from infstar_jax.transformer import rope
+
+    cfg = CFG.replace(qkvo_bias=bias)
+    unbox = lambda t: jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, t,  # noqa: E731
+                                   is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    blocks = unbox(init_params(cfg, jax.random.key(1))["params"])["blocks"]
+    layer = jax.tree.map(lambda x: x[0], blocks)
+    if bias:  # non-zero biases, so that their placement in the fused vector matters
+        layer = jax.tree_util.tree_map_with_path(
+            lambda p, x: x + 0.1 * (1 + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)) / x.size
+            if p[-1].key == "bias" else x, layer)
+    fused = fuse_qkv(layer)
+    assert FUSED_QKV in fused["attn"] and "q_proj" not in fused["attn"]
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 6, cfg.embed_dim)), jnp.float32)
+    pos = jnp.asarray(rng.integers(0, 9, size=(2, 6, 4)))
+    cos, sin = rope.cos_sin(pos, cfg.head_dim)
+    pk = jnp.asarray(rng.normal(size=(2, 3, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)
+    prefix = (pk, pk * 0.5, jnp.ones((2, 3), bool))
+    run = lambda p: Block(cfg).apply({"params": p}, h, cos, sin, None, None, prefix)  # noqa: E731
+    (out_a, (k_a, v_a)), (out_b, (k_b, v_b)) = run(layer), run(fused)
+    for a, b in ((out_a, out_b), (k_a, k_b), (v_a, v_b)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)

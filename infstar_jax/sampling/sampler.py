@@ -28,7 +28,7 @@ from infstar_jax.tokenizer import multiscale
 from infstar_jax.transformer import rope
 from infstar_jax.transformer.attention import BlockLayout
 from infstar_jax.transformer.config import TransformerConfig
-from infstar_jax.transformer.model import Block, Transformer
+from infstar_jax.transformer.model import Block, Transformer, fuse_qkv
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,17 @@ def split_layers(params: Mapping[str, Any], *, donate: bool = False) -> dict:
     return out
 
 
+def _unsplit(layers) -> bool:
+    """True when no attention weight is divided between devices (host arrays, one device, or replicated), so that
+    the Q/K/V kernels can be concatenated."""
+    for lp in layers:
+        for leaf in jax.tree.leaves(lp["attn"]):
+            sharding = getattr(leaf, "sharding", None)
+            if sharding is not None and len(sharding.device_set) > 1 and not sharding.is_fully_replicated:
+                return False
+    return True
+
+
 def default_layer_loop() -> str:
     """``"layers"`` (one program per layer on separate weight buffers) except on TPU, where the compiler reads the
     scanned weights in place and one program per step is cheaper to dispatch. On GPUs the scan copies every layer's
@@ -243,9 +254,10 @@ class Sampler:
         ``split_layers``-ed.
       schedule: a ``schedules.Schedule`` (from ``schedules.resolve``).
       guidance: ``GuidanceConfig``.
-      layer_loop: ``"layers"`` (one program per layer, each on its own weight buffers) or ``"scan"`` (one program
-        per step, layers scanned over the stacked weights); ``None`` = ``default_layer_loop()``. Both give the same
-        bits (the same operations in the same order).
+      layer_loop: ``"layers"`` (one program per layer, each on its own weight buffers, with its Q/K/V kernels
+        concatenated where no weight is split between devices) or ``"scan"`` (one program
+        per step, layers scanned over the stacked weights); ``None`` = ``default_layer_loop()``. Both compute the
+        same products (their logits agree to rounding and their bits are equal: tests/test_sampling.py).
       donate_params: with ``"layers"``, split the stacked weights in place (``split_layers(donate=True)``): the
         caller's ``params`` are consumed and the weights are never held twice.
     """
@@ -259,6 +271,9 @@ class Sampler:
             raise ValueError(f"layer_loop={self.layer_loop!r}; expected 'layers' or 'scan'")
         if self.layer_loop == "layers":
             self.params = split_layers(params, donate=donate_params)
+            if _unsplit(self.params["layers"]):  # one Q/K/V matmul per layer (model.fuse_qkv)
+                self.params["layers"] = [fuse_qkv(lp, donate=donate_params) if "q_proj" in lp["attn"] else lp
+                                         for lp in self.params["layers"]]
             self._head_params = {k: v for k, v in self.params.items() if k != "layers"}
         else:
             if "blocks" not in params:
