@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -34,25 +35,15 @@ def timed(fn, *args, repeats: int) -> float:
 
 def kernel_sequence(fn, *args) -> list[tuple[str, float]]:
     """(kernel name, device ms) of one call, in launch order."""
-    from jax.profiler import ProfileData
+    from profile_summary import gpu_lines, is_ops_line
 
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         jax.block_until_ready(fn(*args))
         jax.profiler.stop_trace()
-        from profile_summary import find_xplane
-
-        data = ProfileData.from_file(find_xplane(d))
-    out = []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name == "XLA Ops" or line.name.startswith("Stream"):
-                evs = sorted(line.events, key=lambda e: e.start_ns)
-                out += [(e.name, e.duration_ns / 1e6) for e in evs]
-    return out
+        return [(e.name, e.duration_ns / 1e6) for _, name, events in gpu_lines(d) if is_ops_line(name)
+                for e in sorted(events, key=lambda e: e.start_ns)]
 
 
 def main():
@@ -69,9 +60,7 @@ def main():
 
     cfg = architecture("infinity_qwen8b").with_precision("infer")
     one = cfg.replace(depth=1)
-    unbox = lambda t: jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, t,  # noqa: E731
-                                   is_leaf=lambda x: hasattr(x, "value"))
-    blocks = jax.jit(lambda k: unbox(init_params(one, k)["params"])["blocks"])(jax.random.key(0))
+    blocks = jax.jit(lambda k: nn.meta.unbox(init_params(one, k)["params"])["blocks"])(jax.random.key(0))
     lp = fuse_qkv(jax.tree.map(lambda x: x[0], blocks))  # the sampler's per-layer layout
     rows, n, c = 2, args.tokens, cfg.embed_dim
     ks = jax.random.split(jax.random.key(1), 4)

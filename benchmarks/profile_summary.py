@@ -44,55 +44,64 @@ def _kind(name: str, stats: dict) -> str:
     return re.sub(r"[._]\d+$", "", name)
 
 
-def summarize(path: str, top: int = 30) -> str:
+def gpu_lines(path: str):
+    """``(plane name, line name, events)`` of every non-empty line of the trace's GPU planes."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(find_xplane(path))
-    lines_out = []
     for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            events = list(line.events)
-            if not events:
-                continue
-            total = sum(e.duration_ns for e in events) / 1e9
-            lines_out.append(f"# {plane.name} line {line.name!r}: {len(events)} events, {total:.3f} s busy")
-            if line.name == "XLA Modules":
-                if len(events) <= 60:
-                    lines_out.append("| # | module | ms |")
-                    lines_out.append("|---|---|---|")
-                    for i, e in enumerate(events):
-                        lines_out.append(f"| {i} | {e.name[:60]} | {e.duration_ns / 1e6:.2f} |")
-                else:  # many programs (one per layer and step): totals per program
-                    per = collections.Counter()
-                    n = collections.Counter()
-                    for e in events:
-                        per[e.name[:60]] += e.duration_ns
-                        n[e.name[:60]] += 1
-                    lines_out.append("| module | runs | s |")
-                    lines_out.append("|---|---|---|")
-                    for name, ns in per.most_common(top):
-                        lines_out.append(f"| {name} | {n[name]} | {ns / 1e9:.3f} |")
-            if line.name == "XLA Ops" or line.name.startswith("Stream"):
-                by_kind = collections.Counter()
-                by_name = collections.Counter()
-                counts = collections.Counter()
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                events = list(line.events)
+                if events:
+                    yield plane.name, line.name, events
+
+
+def is_ops_line(name: str) -> bool:
+    """The line holding one event per HLO op ("XLA Ops"), or, without it, a stream's kernels."""
+    return name == "XLA Ops" or name.startswith("Stream")
+
+
+def summarize(path: str, top: int = 30) -> str:
+    lines_out = []
+    for plane_name, line_name, events in gpu_lines(path):
+        total = sum(e.duration_ns for e in events) / 1e9
+        lines_out.append(f"# {plane_name} line {line_name!r}: {len(events)} events, {total:.3f} s busy")
+        if line_name == "XLA Modules":
+            if len(events) <= 60:
+                lines_out.append("| # | module | ms |")
+                lines_out.append("|---|---|---|")
+                for i, e in enumerate(events):
+                    lines_out.append(f"| {i} | {e.name[:60]} | {e.duration_ns / 1e6:.2f} |")
+            else:  # many programs (one per layer and step): totals per program
+                per = collections.Counter()
+                n = collections.Counter()
                 for e in events:
-                    st = _stats(e)
-                    k = _kind(e.name, st)
-                    by_kind[k] += e.duration_ns
-                    counts[k] += 1
-                    long = str(st.get("long_name", e.name))
-                    by_name[long[:200]] += e.duration_ns
-                lines_out.append("| op kind | calls | s | share |")
-                lines_out.append("|---|---|---|---|")
-                for k, ns in by_kind.most_common(top):
-                    lines_out.append(f"| {k} | {counts[k]} | {ns / 1e9:.3f} | {100 * ns / 1e9 / total:.1f}% |")
-                lines_out.append("| op (long name) | s |")
-                lines_out.append("|---|---|")
-                for k, ns in by_name.most_common(top):
-                    lines_out.append(f"| `{k}` | {ns / 1e9:.3f} |")
+                    per[e.name[:60]] += e.duration_ns
+                    n[e.name[:60]] += 1
+                lines_out.append("| module | runs | s |")
+                lines_out.append("|---|---|---|")
+                for name, ns in per.most_common(top):
+                    lines_out.append(f"| {name} | {n[name]} | {ns / 1e9:.3f} |")
+        if is_ops_line(line_name):
+            by_kind = collections.Counter()
+            by_name = collections.Counter()
+            counts = collections.Counter()
+            for e in events:
+                st = _stats(e)
+                k = _kind(e.name, st)
+                by_kind[k] += e.duration_ns
+                counts[k] += 1
+                long = str(st.get("long_name", e.name))
+                by_name[long[:200]] += e.duration_ns
+            lines_out.append("| op kind | calls | s | share |")
+            lines_out.append("|---|---|---|---|")
+            for k, ns in by_kind.most_common(top):
+                lines_out.append(f"| {k} | {counts[k]} | {ns / 1e9:.3f} | {100 * ns / 1e9 / total:.1f}% |")
+            lines_out.append("| op (long name) | s |")
+            lines_out.append("|---|---|")
+            for k, ns in by_name.most_common(top):
+                lines_out.append(f"| `{k}` | {ns / 1e9:.3f} |")
     return "\n".join(lines_out) if lines_out else "# no GPU planes in the trace"
 
 

@@ -104,7 +104,7 @@ def test_layer_loops_agree_and_donated_params_are_split_once():
     layers = Sampler(CFG, donated, SCHED, guidance, layer_loop="layers", donate_params=True)
     assert all(x.is_deleted() for x in jax.tree.leaves(donated["blocks"]))
     assert len(layers.params["layers"]) == CFG.depth and "blocks" not in layers.params
-    assert all(set(lp["attn"]) == {"qkv_kernel", "q_norm", "k_norm", "o_proj"} for lp in layers.params["layers"])
+    assert all(set(lp["attn"]) == {"qkv_proj", "q_norm", "k_norm", "o_proj"} for lp in layers.params["layers"])
     res = layers.run(text, [3], keys=keys, record=True)
     for k, (a, c) in enumerate(zip(scan.records, res.records)):
         np.testing.assert_allclose(c["logits_raw"], a["logits_raw"], rtol=1e-5, atol=1e-5, err_msg=f"step {k}")

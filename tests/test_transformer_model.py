@@ -162,15 +162,13 @@ def test_rope_rounding_matches_the_reference_order(dtype):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_qkv_block_equals_separate_projections(bias):
-    """``fuse_qkv`` (the sampler's per-layer layout): one matmul over the concatenated Q/K/V kernels gives the block's
+    """``fuse_qkv`` (the sampler's per-layer layout): one matmul over the joined Q/K/V kernels gives the block's
     output and K/V of the three separate projections, with or without biases."""
     from infstar_jax.transformer.model import FUSED_QKV, Block, fuse_qkv
     from infstar_jax.transformer import rope
 
     cfg = CFG.replace(qkvo_bias=bias)
-    unbox = lambda t: jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, t,  # noqa: E731
-                                   is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    blocks = unbox(init_params(cfg, jax.random.key(1))["params"])["blocks"]
+    blocks = nn.meta.unbox(init_params(cfg, jax.random.key(1))["params"])["blocks"]
     layer = jax.tree.map(lambda x: x[0], blocks)
     if bias:  # non-zero biases, so that their placement in the fused vector matters
         layer = jax.tree_util.tree_map_with_path(

@@ -29,7 +29,7 @@ import numpy as np
 from infstar_jax import schedules
 from infstar_jax.tokenizer import train as tt
 from infstar_jax.tokenizer.multiscale import Plan
-from infstar_jax.tokenizer.vae import VideoVAE
+from infstar_jax.tokenizer.vae import VideoVAE, conv_compiler_options
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _table_fn(model: VideoVAE, plan: Plan):
             ss.append(s)
         return jnp.stack(ps), jnp.stack(ss)
 
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=conv_compiler_options())
 
 
 def scale_metrics(model: VideoVAE, params, video: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]:

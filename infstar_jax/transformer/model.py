@@ -36,8 +36,8 @@ class RMSNorm(nn.Module):
 
     ``separate_stats``: compute the per-row statistic as its own (small) result, so that the compiler fuses the
     normalisation into what consumes it instead of the reduction (the q/k norms, whose consumer is RoPE: on an H200 at
-    the 720p last scale q's norm and RoPE take 1.06 ms this way and 1.83 ms as one reduction fusion plus one
-    element-wise pass; the values are the same).
+    the 720p last scale q's norm and RoPE take 1.07 ms this way and 1.96 ms as one reduction fusion plus one
+    element-wise pass, ``benchmarks/bench_layer.py``; the values are the same).
     """
 
     eps: float = 1e-6
@@ -97,21 +97,19 @@ class Linear(nn.Module):
         return y
 
 
-# Names of the fused Q/K/V kernel ``[C, (H + 2 Hkv) * hd]`` (and bias) that ``fuse_qkv`` puts in an attention's params.
-FUSED_QKV, FUSED_QKV_BIAS = "qkv_kernel", "qkv_bias"
+# The attention submodule that ``fuse_qkv`` puts in place of ``q_proj``/``k_proj``/``v_proj``.
+FUSED_QKV = "qkv_proj"
 
 
 def fuse_qkv(layer_params: dict, *, donate: bool = False) -> dict:
-    """One block's params with ``attn``'s ``q_proj``/``k_proj``/``v_proj`` replaced by one concatenated kernel
-    (``FUSED_QKV``), which ``Attention`` then applies as a single matmul: the same products, one GEMM instead of three
-    (H200, 720p last scale: 9.5 ms against 6.2 + 2 x 1.9 ms). For inference on weights that are not split over heads
-    (the concatenation mixes the three head axes). ``donate`` deletes the three separate kernels once fused."""
+    """One block's params with ``attn``'s ``q_proj``/``k_proj``/``v_proj`` replaced by one ``Linear`` whose kernel
+    ``[C, H + 2 Hkv, hd]`` (and bias) joins theirs along the head axis; ``Attention`` then runs the three projections
+    as one matmul (H200, 720p last scale: 8.9 ms against 6.5-7.6 + 2 x 1.7-2.0 ms, docs/benchmarks.md). For inference
+    on weights that are not split over heads (the join mixes the three head axes). ``donate`` deletes the three
+    separate kernels once joined."""
     attn = dict(layer_params["attn"])
     parts = [attn.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
-    c = parts[0]["kernel"].shape[0]
-    attn[FUSED_QKV] = jnp.concatenate([p["kernel"].reshape(c, -1) for p in parts], axis=1)
-    if "bias" in parts[0]:
-        attn[FUSED_QKV_BIAS] = jnp.concatenate([p["bias"].reshape(-1) for p in parts])
+    attn[FUSED_QKV] = {key: jnp.concatenate([p[key] for p in parts], axis=-2) for key in parts[0]}
     if donate:
         for leaf in jax.tree.leaves(parts):
             if isinstance(leaf, jax.Array):
@@ -128,14 +126,10 @@ class Attention(nn.Module):
         c, h, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt, pdt = cfg.jnp_dtype, cfg.jnp_block_param_dtype
         lin = dict(dtype=dt, param_dtype=pdt, use_bias=cfg.qkvo_bias)
-        if self.has_variable("params", FUSED_QKV):
-            # The sampler's layout (``fuse_qkv``): the three projections as one matmul over concatenated kernels.
-            y = jax.lax.dot_general(x.astype(dt), self.get_variable("params", FUSED_QKV).astype(dt),
-                                    (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=dt)
-            if cfg.qkvo_bias:
-                y = (y.astype(F32) + self.get_variable("params", FUSED_QKV_BIAS).astype(F32)).astype(dt)
-            q, k, v = jnp.split(y, [h * hd, (h + kv) * hd], axis=-1)
-            q, k, v = (t.reshape(*x.shape[:-1], -1, hd) for t in (q, k, v))
+        if FUSED_QKV in self.variables.get("params", {}):
+            # The sampler's layout (``fuse_qkv``): the three projections as one matmul over joined kernels.
+            qkv = Linear((c,), (h + 2 * kv, hd), ("embed", None, "head_dim"), name=FUSED_QKV, **lin)(x)
+            q, k, v = jnp.split(qkv, [h, h + kv], axis=-2)
         else:
             q = Linear((c,), (h, hd), ("embed", "heads", "head_dim"), name="q_proj", **lin)(x)
             k = Linear((c,), (kv, hd), ("embed", "kv_heads", "head_dim"), name="k_proj", **lin)(x)

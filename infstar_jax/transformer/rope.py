@@ -57,7 +57,7 @@ def apply(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     xf = x.astype(jnp.float32)
     # Both halves of a pair as one element-wise expression: x*cos rounded to x's dtype, plus the pair partner times
     # (-sin, +sin) (b*(-s) is exactly -(b*s)). One pass over x: stacking the two halves back into pairs ran at a third
-    # of the memory bandwidth on an H200 (1.44 vs 0.80 ms for q at the 720p last scale).
+    # of the memory bandwidth on an H200 (docs/benchmarks.md).
     partner = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
     c = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]
     s = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], -1)[:, :, None, :]
